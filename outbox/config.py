@@ -1,0 +1,30 @@
+"""Process configuration, built once at the edge (CLI) from flags and `OUTBOX_*` env vars,
+then passed down. Runtime policy (retries, lease, limits) lives in the database instead
+(`outbox.settings`), so operators change it without restarting anything."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", frozen=True, extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/outbox"
+    redis_url: str = "redis://localhost:6379/0"
+    # Prefix of every Redis key, and the Dramatiq queue name.
+    redis_namespace: str = "outbox"
+    queue: str = "outbox"
+    metrics_port: int | None = None
+    worker_threads: int = Field(8, ge=1, le=256)
+    worker_processes: int = Field(1, ge=1, le=64)
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    claim_batch: int = Field(500, ge=1, le=10000)
+    # Row ids per broker message: one Redis message per email caps throughput.
+    dispatch_batch: int = Field(25, ge=1, le=1000)
+    local_hostname: str = Field(default_factory=socket.gethostname)
+    log_format: str = "console"
+    log_level: str = "info"

@@ -1,0 +1,219 @@
+"""The connector registry: add, list, enable and disable SMTP connectors (with history)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from outbox import secrets
+from outbox.errors import ConfigurationError, NotFoundError, ValidationError
+from outbox.message import check_address
+from outbox.resolve import OUTBOUND, Connector, resolve
+from outbox.sql import queries
+
+Q = queries("outbox")
+SECURITY_MODES = ("auto", "tls", "starttls", "none")
+DIRECTIONS = ("outgoing", "both", "incoming")
+
+
+def default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in a container
+        return os.environ.get("USER", "unknown")
+
+
+def effective_security(connector: Connector) -> str:
+    """`tls`, `starttls` (required), `opportunistic` (STARTTLS when offered) or `none`."""
+    if connector.security != "auto":
+        return connector.security
+    if connector.port == 465:
+        return "tls"
+    if connector.port == 587 or connector.has_credentials:
+        return "starttls"
+    return "opportunistic"
+
+
+@dataclass(frozen=True)
+class NewConnector:
+    name: str
+    direction: str
+    address: str
+    host: str | None
+    port: int | None
+    aliases: tuple[str, ...] = ()
+    security: str = "auto"
+    username: str | None = None
+    password_env: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    default_gateway: bool = False
+    enabled: bool = True
+    max_connections: int = 4
+    timeout_seconds: float = 60.0
+
+
+def _validate(new: NewConnector) -> dict[str, Any]:
+    if new.direction not in DIRECTIONS:
+        raise ValidationError(f"direction must be one of {', '.join(DIRECTIONS)}")
+    if new.security not in SECURITY_MODES:
+        raise ValidationError(f"security must be one of {', '.join(SECURITY_MODES)}")
+    address = check_address(new.address, "address").lower()
+    aliases = tuple(dict.fromkeys(check_address(a, "alias").lower() for a in new.aliases))
+    outbound = new.direction in OUTBOUND
+    if outbound and (not new.host or not new.port):
+        raise ValidationError("an outgoing or both connector needs --host and --port")
+    if new.port is not None and not 1 <= new.port <= 65535:
+        raise ValidationError("port must be between 1 and 65535")
+    if new.default_gateway and not outbound:
+        raise ValidationError("the System Default Gateway must be an outgoing or both connector")
+    if new.password_env and new.password is not None:
+        raise ValidationError("give either --password-env or --password-stdin, not both")
+    has_secret = bool(new.password_env) or new.password is not None
+    if has_secret and not new.username:
+        raise ValidationError("a password needs --username")
+    if new.username and not has_secret:
+        raise ValidationError("--username needs --password-env VAR or --password-stdin")
+    if new.username and new.security == "none":
+        raise ValidationError(
+            "refusing credentials with --security none: AUTH is only ever sent over TLS"
+        )
+    if new.port == 465 and new.security in ("starttls", "none"):
+        raise ValidationError("port 465 is implicit TLS: use --security tls (or auto)")
+    if new.security == "tls" and new.port in (25, 587):
+        raise ValidationError(
+            f"port {new.port} speaks plain SMTP first: use --security starttls (or auto)"
+        )
+    if new.ca_file and not os.path.isfile(new.ca_file):
+        raise ValidationError(f"CA file {new.ca_file} does not exist")
+    return {
+        "name": new.name, "direction": new.direction, "address": address,
+        "aliases": list(aliases), "host": new.host, "port": new.port,
+        "security": new.security, "username": new.username,
+        "password_env": new.password_env,
+        "password_enc": secrets.encrypt(new.password) if new.password is not None else None,
+        "ca_file": os.path.abspath(new.ca_file) if new.ca_file else None,
+        "enabled": new.enabled, "is_default_gateway": new.default_gateway,
+        "max_connections": new.max_connections, "timeout_seconds": new.timeout_seconds,
+    }
+
+
+def load_all(conn: psycopg.Connection[Any]) -> list[Connector]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [Connector.from_row(r) for r in cur.execute(Q["connectors"]).fetchall()]
+
+
+def get(conn: psycopg.Connection[Any], name: str) -> Connector:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(Q["connector_by_name"], {"name": name}).fetchone()
+    if row is None:
+        raise NotFoundError(f"no connector named {name!r}")
+    return Connector.from_row(row)
+
+
+def _event(conn: psycopg.Connection[Any], c_id: int | None, name: str, action: str,
+           actor: str | None, detail: dict[str, Any] | None = None) -> None:
+    conn.execute(Q["insert_connector_event"], {
+        "connector_id": c_id, "connector_name": name, "action": action,
+        "actor": actor or default_actor(), "detail": Jsonb(detail or {}),
+    })
+
+
+def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None = None) -> int:
+    """Register a connector (one transaction). Raises ValidationError on a bad or clashing one."""
+    values = _validate(new)
+    with conn.transaction():
+        conn.execute(Q["lock_connectors"])
+        existing = load_all(conn)
+        if any(c.name == new.name for c in existing):
+            raise ValidationError(f"a connector named {new.name!r} exists already")
+        if new.direction in OUTBOUND:
+            claimed = {a for c in existing if c.outbound for a in c.addresses}
+            clash = sorted({values["address"], *values["aliases"]} & claimed)
+            if clash:
+                raise ValidationError(
+                    f"{', '.join(clash)} already belongs to another outbound connector"
+                )
+        if new.default_gateway:
+            gateway = next((c for c in existing if c.is_default_gateway), None)
+            if gateway is not None:
+                raise ValidationError(
+                    f"connector {gateway.name} is already the System Default Gateway"
+                )
+        row = conn.execute(Q["insert_connector"], values).fetchone()
+        assert row is not None
+        _event(conn, row[0], new.name, "created", actor, {
+            k: values[k] for k in ("direction", "address", "aliases", "host", "port",
+                                   "security", "is_default_gateway", "enabled")
+        })
+    return int(row[0])
+
+
+def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *,
+                actor: str | None = None) -> int:
+    """Enable (releasing held messages; returns how many) or disable a connector."""
+    with conn.transaction():
+        conn.execute(Q["lock_connectors"])
+        connector = get(conn, name)
+        if not enabled and connector.is_default_gateway:
+            _check_gateway_can_go(conn, connector)
+        conn.execute(Q["set_connector_enabled"], {"id": connector.id, "enabled": enabled})
+        released = 0
+        if enabled:
+            row = conn.execute(Q["release_held"], {"id": connector.id}).fetchone()
+            released = int(row[0]) if row else 0
+        _event(conn, connector.id, name, "enabled" if enabled else "disabled", actor,
+               {"released_held": released} if enabled else {})
+    return released
+
+
+def _check_gateway_can_go(conn: psycopg.Connection[Any], gateway: Connector) -> None:
+    row = conn.execute(Q["unmonitored_address"]).fetchone()
+    unmonitored = row[0] if row else None
+    if not unmonitored:
+        raise ConfigurationError(
+            "refusing to disable the System Default Gateway: set unmonitored-address to an "
+            "address of an enabled outbound connector first"
+        )
+    others = [c if c.id != gateway.id else _disabled(c) for c in load_all(conn)]
+    route = resolve(unmonitored, others)
+    if route.action != "send":
+        raise ConfigurationError(
+            f"refusing to disable the System Default Gateway: the unmonitored address "
+            f"{unmonitored} does not resolve to another enabled outbound connector"
+        )
+
+
+def _disabled(c: Connector) -> Connector:
+    return replace(c, enabled=False)
+
+
+def check_unmonitored(conn: psycopg.Connection[Any], address: str | None) -> None:
+    """With the gateway disabled, the unmonitored address must be an enabled connector's."""
+    if not address:
+        return
+    connectors = load_all(conn)
+    gateway = next((c for c in connectors if c.is_default_gateway), None)
+    if gateway is not None and not gateway.enabled and resolve(address, connectors).action != "send":
+        raise ConfigurationError(
+            f"the System Default Gateway is disabled, so the unmonitored address must belong "
+            f"to an enabled outbound connector; {address} does not"
+        )
+
+
+def describe(c: Connector) -> dict[str, Any]:
+    """A connector for listings: never the password, only how it is kept."""
+    return {
+        "name": c.name, "direction": c.direction, "address": c.address,
+        "aliases": list(c.aliases), "host": c.host, "port": c.port,
+        "security": c.security, "effective_security": effective_security(c) if c.outbound else None,
+        "username": c.username, "password": secrets.describe(c),
+        "ca_file": c.ca_file, "enabled": c.enabled,
+        "default_gateway": c.is_default_gateway,
+    }

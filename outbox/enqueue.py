@@ -1,0 +1,116 @@
+"""`enqueue`: write an email into the outbox on the caller's connection, inside the caller's
+transaction. Nothing is committed here: a rolled-back transaction leaves no email."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from outbox.errors import ValidationError
+from outbox.message import Attachment, Draft, draft_fields, prepare
+from outbox.sql import queries
+
+Q = queries("outbox")
+
+
+def _params(draft: Draft) -> dict[str, Any]:
+    params = draft_fields(draft)
+    params["headers"] = Jsonb(params["headers"])
+    return params
+
+
+def _attachment_params(message_id: int, draft: Draft) -> list[dict[str, Any]]:
+    return [
+        {"message_id": message_id, "filename": a.filename, "content_type": a.content_type,
+         "content": a.content}
+        for a in draft.attachments
+    ]
+
+
+def _too_large(draft: Draft, limit: int) -> ValidationError:
+    return ValidationError(
+        f"message is {draft.size_bytes} bytes, over the maximum email size of {limit} bytes"
+    )
+
+
+def _draft(conn_unmonitored: str | None, kwargs: dict[str, Any]) -> Draft:
+    if kwargs.get("from_addr") is None:
+        if not kwargs.get("system_generated"):
+            raise ValidationError("from_addr is required (only system-generated mail may omit it)")
+        if not conn_unmonitored:
+            raise ValidationError("system mail without from_addr needs the unmonitored-address setting")
+        kwargs["from_addr"] = conn_unmonitored
+    return prepare(**kwargs)
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    *,
+    from_addr: str | None,
+    to: list[str] | tuple[str, ...] | str = (),
+    subject: str,
+    text: str | None = None,
+    html: str | None = None,
+    attachments: list[Attachment] | tuple[Attachment, ...] = (),
+    **options: Any,
+) -> int:
+    """Validate and insert one email on `conn` (never commits); return its row id.
+
+    Options: cc, bcc, from_name, reply_to, headers, importance ('high'|'normal'|'low'),
+    priority, system_generated, reference, idempotency_key, send_after (aware datetime).
+    A repeated `idempotency_key` returns the existing row's id and writes nothing.
+    `from_addr=None` with `system_generated=True` sends from the unmonitored address.
+    Raises `outbox.ValidationError` before anything is written.
+    """
+    kwargs = dict(options, from_addr=from_addr, to=to, subject=subject, text=text, html=html,
+                  attachments=attachments)
+    unmonitored = None
+    if from_addr is None:
+        row = conn.execute(Q["unmonitored_address"]).fetchone()
+        unmonitored = row[0] if row else None
+    draft = _draft(unmonitored, kwargs)
+    with conn.cursor() as cur:
+        new_id, limit = cur.execute(Q["insert_message"], _params(draft)).fetchone()  # type: ignore[misc]
+        if new_id is None:
+            if draft.size_bytes > limit and not draft.system_generated:
+                raise _too_large(draft, limit)
+            existing = cur.execute(Q["message_by_idempotency_key"], _params(draft)).fetchone()
+            return int(existing[0])  # type: ignore[index]
+        if draft.attachments:
+            cur.executemany(Q["insert_attachment"], _attachment_params(new_id, draft))
+    return int(new_id)
+
+
+async def enqueue_async(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    from_addr: str | None,
+    to: list[str] | tuple[str, ...] | str = (),
+    subject: str,
+    text: str | None = None,
+    html: str | None = None,
+    attachments: list[Attachment] | tuple[Attachment, ...] = (),
+    **options: Any,
+) -> int:
+    """The async twin of `enqueue`, on a psycopg `AsyncConnection`."""
+    kwargs = dict(options, from_addr=from_addr, to=to, subject=subject, text=text, html=html,
+                  attachments=attachments)
+    unmonitored = None
+    if from_addr is None:
+        row = await (await conn.execute(Q["unmonitored_address"])).fetchone()
+        unmonitored = row[0] if row else None
+    draft = _draft(unmonitored, kwargs)
+    async with conn.cursor() as cur:
+        await cur.execute(Q["insert_message"], _params(draft))
+        new_id, limit = await cur.fetchone()  # type: ignore[misc]
+        if new_id is None:
+            if draft.size_bytes > limit and not draft.system_generated:
+                raise _too_large(draft, limit)
+            await cur.execute(Q["message_by_idempotency_key"], _params(draft))
+            existing = await cur.fetchone()
+            return int(existing[0])  # type: ignore[index]
+        if draft.attachments:
+            await cur.executemany(Q["insert_attachment"], _attachment_params(new_id, draft))
+    return int(new_id)

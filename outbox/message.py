@@ -1,0 +1,267 @@
+"""The message model: validation at enqueue, and the one place MIME messages are built.
+
+Messages are built only with `email.message.EmailMessage` and the header registry, so a
+value can never add a header of its own; the envelope is always kept apart from headers.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import mimetypes
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from email.header import decode_header, make_header
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from outbox.errors import ValidationError
+
+# Bodies are transfer-encoded to 7 bit so any server takes them (no 8BITMIME needed).
+POLICY = email.policy.SMTP.clone(cte_type="7bit")
+
+IMPORTANCE = ("high", "normal", "low")
+_IMPORTANCE_PRIORITY = {"high": 10, "normal": 0, "low": -10}
+_IMPORTANCE_HEADERS = {"high": ("High", "1 (Highest)"), "low": ("Low", "5 (Lowest)")}
+
+# Custom headers: X-* plus these. Structural headers (From, To, Bcc, Content-*, ...) are
+# set by the builder only.
+ALLOWED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "In-Reply-To", "References", "List-Id", "List-Unsubscribe", "List-Unsubscribe-Post",
+        "Auto-Submitted", "Precedence", "Sensitivity", "Keywords", "Comments",
+        "Organization", "Thread-Topic", "Thread-Index",
+    )
+)
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_CONTROL = re.compile(r"[\r\n\x00]")
+
+MAX_RECIPIENTS = 500
+MAX_HEADER_CHARS = 998
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content: bytes
+    content_type: str = "application/octet-stream"
+
+    @classmethod
+    def from_path(cls, path: str) -> Attachment:
+        p = Path(path)
+        try:
+            content = p.read_bytes()
+        except OSError as exc:
+            raise ValidationError(f"cannot read attachment {path}: {exc.strerror}") from exc
+        ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+        return cls(filename=p.name, content=content, content_type=ctype)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A validated message, ready to insert. Built by `prepare`."""
+
+    from_addr: str
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    subject: str
+    text: str | None
+    html: str | None
+    from_name: str | None = None
+    reply_to: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    attachments: tuple[Attachment, ...] = ()
+    importance: str = "normal"
+    priority: int = 0
+    system_generated: bool = False
+    reference: str | None = None
+    idempotency_key: str | None = None
+    send_after: datetime | None = None
+    message_id: str = ""
+    size_bytes: int = 0
+
+
+def check_line(value: str | None, what: str) -> None:
+    """Refuse CR, LF and NUL in a header value, also when hidden in an encoded word."""
+    if value is None:
+        return
+    if _CONTROL.search(value):
+        raise ValidationError(f"{what} must be a single line (CR, LF and NUL are refused)")
+    if "=?" in value:
+        try:
+            decoded = str(make_header(decode_header(value)))
+        except Exception as exc:  # malformed encoded word
+            raise ValidationError(f"{what} has a malformed encoded word") from exc
+        if _CONTROL.search(decoded):
+            raise ValidationError(f"{what} hides a line break in an encoded word")
+    if len(value.encode()) > MAX_HEADER_CHARS - 80:
+        raise ValidationError(f"{what} is too long (at most {MAX_HEADER_CHARS - 80} bytes)")
+
+
+def check_address(addr: str, what: str) -> str:
+    """Validate one address (no DNS); return its normalised form."""
+    if not isinstance(addr, str) or not addr:
+        raise ValidationError(f"{what}: an address is required")
+    check_line(addr, what)
+    try:
+        info = validate_email(
+            addr,
+            check_deliverability=False,
+            allow_smtputf8=True,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+            allow_display_name=False,
+        )
+    except EmailNotValidError as exc:
+        raise ValidationError(f"{what}: invalid address {addr!r}: {exc}") from exc
+    return info.normalized
+
+
+def check_addresses(addrs: Iterable[str] | str | None, what: str) -> list[str]:
+    if addrs is None:
+        return []
+    if isinstance(addrs, str):
+        addrs = [addrs]
+    return [check_address(a, what) for a in addrs]
+
+
+def envelope_domain(addr: str) -> str:
+    """The domain of an address, IDNA-encoded for the envelope and Message-ID."""
+    domain = addr.rpartition("@")[2]
+    try:
+        return domain.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return domain.lower()
+
+
+def new_message_id(from_addr: str) -> str:
+    return f"<{uuid.uuid4().hex}@{envelope_domain(from_addr)}>"
+
+
+def prepare(
+    *,
+    from_addr: str,
+    to: Sequence[str] | str = (),
+    cc: Sequence[str] | str = (),
+    bcc: Sequence[str] | str = (),
+    subject: str,
+    text: str | None = None,
+    html: str | None = None,
+    from_name: str | None = None,
+    reply_to: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    attachments: Iterable[Attachment] = (),
+    importance: str = "normal",
+    priority: int | None = None,
+    system_generated: bool = False,
+    reference: str | None = None,
+    idempotency_key: str | None = None,
+    send_after: datetime | None = None,
+) -> Draft:
+    """Validate everything and render once to know the exact size. Raises ValidationError."""
+    sender = check_address(from_addr, "from")
+    to_l, cc_l, bcc_l = check_addresses(to, "to"), check_addresses(cc, "cc"), check_addresses(bcc, "bcc")
+    total = len(to_l) + len(cc_l) + len(bcc_l)
+    if total == 0:
+        raise ValidationError("at least one recipient (to, cc or bcc) is required")
+    if total > MAX_RECIPIENTS:
+        raise ValidationError(f"too many recipients: {total} (at most {MAX_RECIPIENTS})")
+    if not isinstance(subject, str):
+        raise ValidationError("subject must be text")
+    check_line(subject, "subject")
+    check_line(from_name, "from name")
+    check_line(reference, "reference")
+    check_line(idempotency_key, "idempotency key")
+    reply = check_address(reply_to, "reply-to") if reply_to else None
+    if text is None and html is None:
+        raise ValidationError("a text or an HTML body is required")
+    if importance not in IMPORTANCE:
+        raise ValidationError(f"importance must be one of {', '.join(IMPORTANCE)}")
+    if send_after is not None and send_after.tzinfo is None:
+        raise ValidationError("send_after must be timezone-aware")
+    custom = {}
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise ValidationError(f"invalid header name {name!r}")
+        if not (name.lower().startswith("x-") or name.lower() in ALLOWED_HEADERS):
+            raise ValidationError(f"header {name!r} is not allowed (use X-* or {', '.join(sorted(ALLOWED_HEADERS))})")
+        check_line(value, f"header {name}")
+        custom[name] = value
+    files = tuple(attachments)
+    for a in files:
+        check_line(a.filename, "attachment filename")
+        check_line(a.content_type, "attachment content type")
+        if a.content_type.count("/") != 1:
+            raise ValidationError(f"attachment {a.filename!r}: content type must be type/subtype")
+    draft = Draft(
+        from_addr=sender, from_name=from_name, to=to_l, cc=cc_l, bcc=bcc_l, reply_to=reply,
+        subject=subject, text=text, html=html, headers=custom, attachments=files,
+        importance=importance,
+        priority=_IMPORTANCE_PRIORITY[importance] if priority is None else int(priority),
+        system_generated=system_generated, reference=reference,
+        idempotency_key=idempotency_key, send_after=send_after,
+        message_id=new_message_id(sender),
+    )
+    size = len(render(build(draft_fields(draft), files, date=None)))
+    return replace(draft, size_bytes=size)
+
+
+def draft_fields(d: Draft) -> dict[str, Any]:
+    """A Draft as the column names of `outbox.message`."""
+    return {
+        "from_addr": d.from_addr, "from_name": d.from_name, "to_addrs": d.to,
+        "cc_addrs": d.cc, "bcc_addrs": d.bcc, "reply_to": d.reply_to, "subject": d.subject,
+        "text_body": d.text, "html_body": d.html, "headers": d.headers,
+        "importance": d.importance, "priority": d.priority,
+        "system_generated": d.system_generated, "reference": d.reference,
+        "idempotency_key": d.idempotency_key, "send_after": d.send_after,
+        "message_id": d.message_id, "size_bytes": d.size_bytes,
+    }
+
+
+def build(
+    row: Mapping[str, Any], attachments: Iterable[Attachment] = (), *, date: datetime | None
+) -> EmailMessage:
+    """Build the MIME message from a message row. Bcc never appears in it."""
+    msg = EmailMessage(policy=POLICY)
+    msg["From"] = Address(display_name=row.get("from_name") or "", addr_spec=row["from_addr"])
+    if row.get("to_addrs"):
+        msg["To"] = ", ".join(row["to_addrs"])
+    if row.get("cc_addrs"):
+        msg["Cc"] = ", ".join(row["cc_addrs"])
+    if row.get("reply_to"):
+        msg["Reply-To"] = row["reply_to"]
+    msg["Subject"] = row.get("subject") or ""
+    msg["Message-ID"] = row["message_id"]
+    msg["Date"] = format_datetime(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"
+    if row.get("importance") in _IMPORTANCE_HEADERS:
+        importance, x_priority = _IMPORTANCE_HEADERS[row["importance"]]
+        msg["Importance"] = importance
+        msg["X-Priority"] = x_priority
+    for name, value in (row.get("headers") or {}).items():
+        msg[name] = value
+    text, html = row.get("text_body"), row.get("html_body")
+    if text is not None:
+        msg.set_content(text)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+    else:
+        msg.set_content(html or "", subtype="html")
+    for a in attachments:
+        maintype, subtype = a.content_type.split("/", 1)
+        msg.add_attachment(a.content, maintype=maintype, subtype=subtype, filename=a.filename)
+    return msg
+
+
+def render(msg: EmailMessage) -> bytes:
+    """The wire form: CRLF line ends, 7-bit clean."""
+    return msg.as_bytes(policy=POLICY)

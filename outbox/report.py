@@ -1,0 +1,106 @@
+"""What operators and scripts read: `outbox status` and `outbox show`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox import settings as runtime_settings
+from outbox.errors import NotFoundError
+from outbox.sql import queries
+
+Q = queries("outbox")
+STATUSES = ("queued", "dispatched", "sending", "retry", "held", "sent", "partial", "failed",
+            "cancelled")
+
+
+def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Counts per status and per connector, the lag of the oldest due message, warnings."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        counts = {s: 0 for s in STATUSES}
+        counts.update({r["status"]: r["n"] for r in cur.execute(Q["status_counts"])})
+        by_connector: dict[str, dict[str, int]] = {}
+        for r in cur.execute(Q["status_by_connector"]):
+            by_connector.setdefault(r["connector"] or "(not routed yet)", {})[r["status"]] = r["n"]
+        lag = cur.execute(Q["queue_lag"]).fetchone() or {}
+    settings = runtime_settings.load(conn)
+    warnings = []
+    if settings.overrides_active:
+        warnings.append("test-environment override of To/CC/BCC is set: real recipients get no mail")
+    return {
+        "counts": counts,
+        "by_connector": by_connector,
+        "due_now": lag.get("due", 0),
+        "lag_seconds": float(lag["lag_seconds"]) if lag.get("lag_seconds") is not None else 0.0,
+        "warnings": warnings,
+    }
+
+
+def render_status(data: dict[str, Any]) -> str:
+    lines = [f"{s:<11} {n}" for s, n in data["counts"].items()]
+    lines.append(f"due now     {data['due_now']} (oldest waiting {data['lag_seconds']:.1f}s)")
+    if data["by_connector"]:
+        lines.append("")
+        lines.append("by connector:")
+        for name, counts in data["by_connector"].items():
+            lines.append(f"  {name}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    for w in data["warnings"]:
+        lines.append(f"WARNING: {w}")
+    return "\n".join(lines)
+
+
+def show(conn: psycopg.Connection[Any], message_id: int) -> dict[str, Any]:
+    """A message with its recipients' results and its attempt timeline (bodies left out)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(Q["message_by_id"], {"id": message_id}).fetchone()
+        if row is None:
+            raise NotFoundError(f"no message with id {message_id}")
+        attempts = cur.execute(Q["attempts_of_message"], {"id": message_id}).fetchall()
+        recipients = cur.execute(Q["recipients_of_message"], {"id": message_id}).fetchall()
+    for key in ("text_body", "html_body", "lease_token"):
+        row.pop(key, None)
+    row["recipients"] = recipients
+    row["attempts_history"] = attempts
+    return row
+
+
+def render_show(m: dict[str, Any]) -> str:
+    lines = [
+        f"message {m['id']}  {m['status']}  (attempts {m['attempts']})",
+        f"  Message-ID  {m['message_id']}",
+        f"  From        {m['from_addr']}",
+        f"  To          {', '.join(m['to_addrs'])}",
+    ]
+    if m["cc_addrs"]:
+        lines.append(f"  Cc          {', '.join(m['cc_addrs'])}")
+    if m["bcc_addrs"]:
+        lines.append(f"  Bcc         {', '.join(m['bcc_addrs'])}")
+    lines += [
+        f"  Subject     {m['subject']}",
+        f"  Connector   {m['connector_name'] or '-'}",
+        f"  Created     {m['created_at']:%Y-%m-%d %H:%M:%S%z}",
+    ]
+    if m["send_after"]:
+        lines.append(f"  Send after  {m['send_after']:%Y-%m-%d %H:%M:%S%z}")
+    if m["sent_at"]:
+        lines.append(f"  Sent        {m['sent_at']:%Y-%m-%d %H:%M:%S%z}")
+    if m["status"] == "retry":
+        lines.append(f"  Next try    {m['next_attempt_at']:%Y-%m-%d %H:%M:%S%z}")
+    if m["last_error"]:
+        lines.append(f"  Last error  {m['last_error']}")
+    if m["recipients"]:
+        lines.append("recipients:")
+        for r in m["recipients"]:
+            reply = f"{r['smtp_code']} {r['smtp_reply'] or ''}".strip() if r["smtp_code"] else (r["smtp_reply"] or "")
+            lines.append(f"  {r['addr']:<32} {r['status']:<9} {reply}")
+    if m["attempts_history"]:
+        lines.append("attempts:")
+        for a in m["attempts_history"]:
+            reply = f"{a['smtp_code']} {a['smtp_reply'] or ''}".strip() if a["smtp_code"] else (a["error"] or "")
+            lines.append(
+                f"  #{a['attempt']} {a['started_at']:%Y-%m-%d %H:%M:%S} "
+                f"{a['connector_name'] or '-'} {a['outcome']} at {a['phase'] or '-'} "
+                f"({a['duration_ms']} ms) {reply}".rstrip())
+    return "\n".join(lines)

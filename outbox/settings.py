@@ -1,0 +1,92 @@
+"""Instance-wide settings kept in `outbox.settings` (one row), read by workers per batch.
+
+CLI keys are the column names with dashes: `outbox settings set retry-base-seconds 1`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError as PydanticError, field_validator
+from psycopg import sql
+
+from outbox.errors import ValidationError
+from outbox.message import check_address
+from outbox.sql import queries
+
+Q = queries("outbox")
+
+
+class Settings(BaseModel):
+    """Runtime policy. Defaults match schema.sql."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    unmonitored_address: str | None = None
+    retry_base_seconds: float = Field(60, gt=0)
+    retry_max_seconds: float = Field(3600, gt=0)
+    max_attempts: int = Field(10, ge=1, le=10)
+    max_age_seconds: float = Field(432000, gt=0)
+    lease_seconds: float = Field(300, gt=0)
+    max_message_bytes: int = Field(26214400, ge=1024, le=104857600)
+    smtp_timeout_seconds: float = Field(60, gt=0)
+    additional_bcc: list[str] = []
+    override_to: list[str] = []
+    override_cc: list[str] = []
+    override_bcc: list[str] = []
+
+    @field_validator("unmonitored_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return check_address(value, "unmonitored-address") if value else None
+
+    @field_validator("additional_bcc", "override_to", "override_cc", "override_bcc")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [check_address(a, "address") for a in value]
+
+    @property
+    def overrides_active(self) -> bool:
+        return bool(self.override_to or self.override_cc or self.override_bcc)
+
+
+KEYS = tuple(name.replace("_", "-") for name in Settings.model_fields)
+
+
+def load(conn: psycopg.Connection[Any]) -> Settings:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        row = cur.execute(Q["settings"]).fetchone()
+    return Settings.model_validate(row or {})
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """Turn the CLI text into the column's value (lists are comma-separated; empty clears)."""
+    field = key.replace("-", "_")
+    if field not in Settings.model_fields:
+        raise ValidationError(f"unknown setting {key!r}; known: {', '.join(KEYS)}")
+    annotation = str(Settings.model_fields[field].annotation)
+    if "list" in annotation:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if raw.strip() == "" and "None" in annotation:
+        return None
+    return raw.strip()
+
+
+def set_value(conn: psycopg.Connection[Any], key: str, raw: str) -> Settings:
+    """Validate one setting against the others and store it. Raises ValidationError."""
+    field = key.replace("-", "_")
+    value = parse_value(key, raw)
+    current = load(conn)
+    try:
+        updated = Settings.model_validate(current.model_dump() | {field: value})
+    except PydanticError as exc:
+        first = exc.errors()[0]
+        raise ValidationError(f"{key}: {first['msg']}") from None
+    if updated.retry_max_seconds < updated.retry_base_seconds:
+        raise ValidationError("retry-max-seconds must not be below retry-base-seconds")
+    stmt = sql.SQL("UPDATE outbox.settings SET {} = %s, updated_at = now()").format(
+        sql.Identifier(field)
+    )
+    conn.execute(stmt, [getattr(updated, field)])
+    return updated

@@ -1,0 +1,140 @@
+"""Real SMTP servers for tests (aiosmtpd in the test process): plain, STARTTLS with AUTH,
+implicit TLS; a recording handler with scripted faults."""
+
+from __future__ import annotations
+
+import email
+import socket
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+    @property
+    def message(self) -> Message:
+        return email.message_from_bytes(self.content)
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"])
+
+
+@dataclass
+class Recorder:
+    """Keeps every accepted message. `rcpt_replies[addr]` and `data_replies` (a queue; one
+    reply per DATA, then 250) script faults."""
+
+    name: str = "smtp"
+    received: list[Received] = field(default_factory=list)
+    rcpt_replies: dict[str, deque[str]] = field(default_factory=dict)
+    data_replies: deque[str] = field(default_factory=deque)
+    mail_replies: deque[str] = field(default_factory=deque)
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        if self.mail_replies:
+            return self.mail_replies.popleft()
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        script = self.rcpt_replies.get(address.lower())
+        if script:
+            return script.popleft() if len(script) > 1 else script[0]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_replies:
+            return self.data_replies.popleft()
+        with self.arrived:
+            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.original_content or envelope.content))
+            self.arrived.notify_all()
+        return "250 2.0.0 OK queued"
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.received) >= count, timeout=timeout)
+        return list(self.received)
+
+    def script_rcpt(self, addr: str, *replies: str) -> None:
+        """Replies for RCPT TO addr, in turn; the last one repeats."""
+        self.rcpt_replies[addr.lower()] = deque(replies)
+
+
+class Authenticator:
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self.password = username.encode(), password.encode()
+        self.logins: list[str] = []
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                 auth_data: Any) -> AuthResult:
+        if isinstance(auth_data, LoginPassword) and (
+            auth_data.login == self.username and auth_data.password == self.password
+        ):
+            self.logins.append(auth_data.login.decode())
+            return AuthResult(success=True)
+        return AuthResult(success=False, handled=False)
+
+
+@dataclass
+class Server:
+    controller: Controller
+    recorder: Recorder
+    port: int
+    authenticator: Authenticator | None = None
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def start_server(
+    *,
+    mode: str = "plain",
+    tls: ssl.SSLContext | None = None,
+    auth: Authenticator | None = None,
+    name: str = "smtp",
+    recorder_factory: Callable[[], Recorder] | None = None,
+) -> Server:
+    """mode: `plain` (no TLS offered), `starttls` (offered; required when `auth`), `tls`."""
+    recorder = (recorder_factory or Recorder)()
+    recorder.name = name
+    port = free_port()
+    kwargs: dict[str, Any] = {"hostname": "localhost", "port": port, "server_hostname": "localhost"}
+    smtp_params: dict[str, Any] = {"decode_data": False}
+    if mode == "tls":
+        kwargs["ssl_context"] = tls
+    elif mode == "starttls":
+        smtp_params["tls_context"] = tls
+        smtp_params["require_starttls"] = auth is not None
+    if auth is not None:
+        smtp_params["authenticator"] = auth
+        smtp_params["auth_require_tls"] = True
+    else:
+        smtp_params["auth_require_tls"] = False
+    controller = Controller(recorder, **kwargs, **smtp_params)
+    controller.start()
+    return Server(controller, recorder, port, auth)

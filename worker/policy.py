@@ -1,0 +1,100 @@
+"""The one place that decides retry vs fail.
+
+`classify` turns an SMTP phase plus reply (or the lack of one) into a verdict; `decide`
+turns an attempt's per-recipient verdicts, the attempt count and the message's age into the
+row's next status.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from outbox.settings import Settings
+
+# SMTP phases, in order. After `dot` the server may have accepted the message.
+PHASES = ("connect", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot")
+
+
+class Verdict(StrEnum):
+    ACCEPTED = "accepted"    # 250 after the final dot
+    TRANSIENT = "transient"  # try again later
+    PERMANENT = "permanent"  # refused for good
+    AMBIGUOUS = "ambiguous"  # lost after the final dot: the server may have it
+
+
+def classify(phase: str, code: int | None) -> Verdict:
+    """Verdict for a failure at `phase` with reply `code` (None: no reply, the connection
+    dropped or timed out)."""
+    if code is None:
+        return Verdict.AMBIGUOUS if phase == "dot" else Verdict.TRANSIENT
+    if 200 <= code < 400:
+        return Verdict.ACCEPTED
+    if 400 <= code < 500:
+        return Verdict.TRANSIENT
+    if phase == "rcpt" and code == 552:  # RFC 5321 4.5.3.1.10: treat as 452
+        return Verdict.TRANSIENT
+    if phase in ("connect", "ehlo", "starttls", "auth"):
+        # Greeting refusals (554), TLS and AUTH failures are the connector's problem, not
+        # this message's: never spend a message's life on them as permanent.
+        return Verdict.TRANSIENT
+    return Verdict.PERMANENT
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: str                  # next message status
+    next_attempt_at: datetime | None
+    recipients: dict[str, str]   # addr -> recipient status for this attempt
+    failure: bool                # a failure to show (first_failed_at, last_error)
+
+
+RECIPIENT_STATUS = {
+    Verdict.ACCEPTED: "sent",
+    Verdict.PERMANENT: "failed",
+    Verdict.TRANSIENT: "deferred",
+    Verdict.AMBIGUOUS: "ambiguous",
+}
+
+
+def backoff_seconds(attempts: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Exponential backoff with equal jitter: half the step fixed, half random."""
+    step = min(settings.retry_max_seconds,
+               settings.retry_base_seconds * (2 ** max(0, attempts - 1)))
+    r = (rng or random).random()
+    return step / 2 + step / 2 * r
+
+
+def decide(
+    *,
+    verdicts: Mapping[str, Verdict],
+    settled: Mapping[str, str],
+    attempts: int,
+    created_at: datetime,
+    now: datetime,
+    settings: Settings,
+) -> Decision:
+    """Next status from this attempt's verdict per recipient.
+
+    `settled` holds recipients finished by earlier attempts ('sent'/'failed'), which this
+    attempt did not send to. Pending recipients (transient or ambiguous) retry until
+    `max_attempts` or `max_age_seconds`, then fail.
+    """
+    recipients = {addr: RECIPIENT_STATUS[v] for addr, v in verdicts.items()}
+    pending = [a for a, s in recipients.items() if s in ("deferred", "ambiguous")]
+    exhausted = attempts >= settings.max_attempts or (
+        now - created_at >= timedelta(seconds=settings.max_age_seconds)
+    )
+    if pending and not exhausted:
+        delay = backoff_seconds(attempts, settings)
+        return Decision("retry", now + timedelta(seconds=delay), recipients, True)
+    if pending:
+        recipients.update({a: "failed" for a in pending})
+    final = list(settled.values()) + list(recipients.values())
+    sent = sum(1 for s in final if s == "sent")
+    if sent == len(final):
+        return Decision("sent", None, recipients, False)
+    return Decision("partial" if sent else "failed", None, recipients, True)

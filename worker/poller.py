@@ -1,0 +1,177 @@
+"""The poller: claims due rows, hands them to Dramatiq, commits once the broker has them.
+
+It wakes on LISTEN/NOTIFY (an insert commits) and also scans on an interval and at the
+next scheduled time. Each cycle first returns rows whose lease expired (a worker died,
+Redis lost its keys) and held rows whose connector is enabled again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import psycopg
+import redis
+from psycopg.rows import dict_row
+from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
+from tenacity.stop import stop_base
+
+from outbox import logs
+from outbox.config import Config
+from outbox.settings import Settings
+from outbox.sql import queries
+from worker import metrics
+
+Q = queries("worker")
+log = logs.get("outbox.poller")
+CHANNEL = "outbox_message"
+
+# Postgres down, Redis down: back off and carry on.
+INFRA_ERRORS = (psycopg.OperationalError, dramatiq.errors.BrokerConnectionError,
+                redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+
+
+class _stop_on_event(stop_base):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, retry_state: Any) -> bool:
+        return self.event.is_set()
+
+
+def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class Cycle:
+    dispatched: int = 0
+    expired: int = 0
+    released: int = 0
+
+
+class Poller:
+    def __init__(self, config: Config, actor: dramatiq.Actor[Any, Any]) -> None:
+        self.config = config
+        self.actor = actor
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listen: psycopg.Connection[Any] | None = None
+
+    # -- one cycle -------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.config.database_url, autocommit=True)
+        return self._conn
+
+    def run_once(self) -> Cycle:
+        """Reap expired leases, release held rows, dispatch everything due. Returns counts."""
+        conn = self._connection()
+        with conn.cursor(row_factory=dict_row) as cur:
+            settings = Settings.model_validate(cur.execute(Q["settings"]).fetchone() or {})
+            reaped = cur.execute(Q["reap_expired"], {"max_attempts": settings.max_attempts}).fetchone()
+        cycle = Cycle()
+        if reaped:
+            cycle.expired = reaped["dispatched"] + reaped["sending"]
+            metrics.LEASES_EXPIRED.labels("dispatched").inc(reaped["dispatched"])
+            metrics.LEASES_EXPIRED.labels("sending").inc(reaped["sending"])
+            if cycle.expired:
+                log.warning("leases expired", dispatched=reaped["dispatched"],
+                            sending=reaped["sending"], failed=reaped["failed"])
+        cycle.released = conn.execute(Q["release_held"]).rowcount
+        while True:
+            n = self._dispatch(conn, settings)
+            cycle.dispatched += n
+            if n < self.config.claim_batch:
+                return cycle
+
+    def _dispatch(self, conn: psycopg.Connection[Any], settings: Settings) -> int:
+        """Claim one batch and enqueue it; the claim commits only once Redis has it all."""
+        with conn.transaction():
+            rows = conn.execute(Q["claim_due"], {
+                "limit": self.config.claim_batch, "lease_seconds": settings.lease_seconds,
+            }).fetchall()
+            for chunk in chunks([list(r) for r in rows], self.config.dispatch_batch):
+                self.actor.send(chunk)
+        metrics.DISPATCHED.inc(len(rows))
+        return len(rows)
+
+    def seconds_to_next_due(self) -> float | None:
+        row = self._connection().execute(Q["seconds_to_next_due"]).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def pending(self) -> dict[str, int]:
+        with self._connection().cursor(row_factory=dict_row) as cur:
+            return dict(cur.execute(Q["pending_work"]).fetchone() or {})
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a NOTIFY arrives or `timeout` passes."""
+        if self._listen is None or self._listen.closed:
+            self._listen = psycopg.connect(self.config.database_url, autocommit=True)
+            self._listen.execute(f"LISTEN {CHANNEL}")
+        for _ in self._listen.notifies(timeout=max(0.0, timeout), stop_after=1):
+            pass
+
+    def run(self, stop: threading.Event, *, until_idle: bool = False) -> None:
+        """Poll until `stop` is set (or, with `until_idle`, until nothing is left to move)."""
+        log.info("poller started", queue=self.config.queue)
+        retrying = Retrying(
+            stop=_stop_on_event(stop),
+            sleep=stop.wait,
+            wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.5),
+            retry=retry_if_exception_type(INFRA_ERRORS),
+            reraise=True,
+            before_sleep=lambda rs: log.warning(
+                "poller cannot reach Postgres or Redis; retrying",
+                error=str(rs.outcome.exception()) if rs.outcome else None),
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    for attempt in retrying:
+                        with attempt:
+                            if self._step(until_idle):
+                                return
+                except INFRA_ERRORS:
+                    if stop.is_set():
+                        return
+                    raise
+        finally:
+            self.close()
+            log.info("poller stopped")
+
+    def _step(self, until_idle: bool) -> bool:
+        """One cycle and the wait after it; True when `until_idle` finds nothing left."""
+        try:
+            cycle = self.run_once()
+            if until_idle and cycle.dispatched == 0:
+                p = self.pending()
+                if p["due"] == 0 and p["in_flight"] == 0 and p["retrying"] == 0:
+                    return True
+            if cycle.dispatched:
+                return False  # more may have arrived meanwhile: look again at once
+            wait = self.config.poll_interval_seconds
+            next_due = self.seconds_to_next_due()
+            if next_due is not None:
+                wait = min(wait, max(0.0, next_due))
+            self._wait(wait)
+            return False
+        except INFRA_ERRORS:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for conn in (self._conn, self._listen):
+            if conn is not None and not conn.closed:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        self._conn = self._listen = None
+

@@ -1,0 +1,151 @@
+-- claim_due --
+-- Claim up to `limit` due rows for dispatch under a lease. The locked subset is materialised
+-- first so the planner cannot re-run it and claim more than `limit` rows.
+WITH due AS MATERIALIZED (
+    SELECT id FROM outbox.message
+     WHERE status IN ('queued', 'retry') AND next_attempt_at <= now()
+     ORDER BY priority DESC, next_attempt_at, id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED)
+UPDATE outbox.message m
+   SET status = 'dispatched', lease_token = gen_random_uuid(),
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s), updated_at = now()
+  FROM due
+ WHERE m.id = due.id
+RETURNING m.id, m.lease_token::text;
+
+-- reap_expired --
+-- Rows whose lease expired (worker died, Redis lost its keys) go back to the queue; a row
+-- lost while `sending` counts its attempt and fails once attempts are spent.
+WITH expired AS MATERIALIZED (
+    SELECT id, status AS was, phase AS was_phase, attempts, connector_id
+      FROM outbox.message
+     WHERE status IN ('dispatched', 'sending') AND lease_expires_at < now()
+     ORDER BY lease_expires_at
+     LIMIT 1000
+       FOR UPDATE SKIP LOCKED),
+moved AS (
+    UPDATE outbox.message m
+       SET status = CASE
+                WHEN e.was = 'sending' AND e.attempts >= %(max_attempts)s THEN 'failed'
+                WHEN e.attempts = 0 THEN 'queued'
+                ELSE 'retry' END,
+           last_error = CASE WHEN e.was = 'sending'
+                THEN 'worker lost during ' || coalesce(e.was_phase, 'sending')
+                     || ' (lease expired)'
+                     || CASE WHEN e.attempts >= %(max_attempts)s THEN '; attempts exhausted' ELSE '' END
+                ELSE m.last_error END,
+           first_failed_at = CASE WHEN e.was = 'sending' THEN coalesce(m.first_failed_at, now())
+                ELSE m.first_failed_at END,
+           next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL,
+           updated_at = now()
+      FROM expired e
+     WHERE m.id = e.id
+    RETURNING m.id, m.status),
+history AS (
+    INSERT INTO outbox.attempt (message_id, attempt, connector_id, started_at, phase, outcome, error)
+    SELECT e.id, e.attempts, e.connector_id, now(), e.was_phase, 'lease-expired',
+           'lease expired while ' || e.was
+      FROM expired e WHERE e.was = 'sending')
+SELECT count(*) FILTER (WHERE e.was = 'dispatched') AS dispatched,
+       count(*) FILTER (WHERE e.was = 'sending') AS sending,
+       count(*) FILTER (WHERE m.status = 'failed') AS failed
+  FROM expired e JOIN moved m USING (id);
+
+-- release_held --
+-- Held messages whose connector is enabled again (or gone) go back to the queue.
+UPDATE outbox.message m
+   SET status = CASE WHEN m.attempts = 0 THEN 'queued' ELSE 'retry' END,
+       next_attempt_at = now(), updated_at = now()
+ WHERE m.status = 'held'
+   AND (m.connector_id IS NULL
+        OR EXISTS (SELECT 1 FROM outbox.connector c WHERE c.id = m.connector_id AND c.enabled));
+
+-- seconds_to_next_due --
+-- How long until the next waiting row is due (NULL when none waits).
+SELECT extract(epoch FROM min(next_attempt_at) - now()) AS seconds
+  FROM outbox.message WHERE status IN ('queued', 'retry');
+
+-- lock_batch --
+-- Wait for the poller's transaction that dispatched these rows, so the claim below sees it.
+SELECT id FROM outbox.message WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
+-- start_sending --
+-- A worker claims the rows it was handed, only if they are still dispatched under the token
+-- it received (a duplicate or stale broker delivery claims nothing). The attempt is counted
+-- here, in Postgres, so a message that kills its worker every time still runs out.
+UPDATE outbox.message m
+   SET status = 'sending', attempts = m.attempts + 1, lease_token = gen_random_uuid(),
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       phase = 'claimed', last_attempt_at = now(), updated_at = now()
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS d(id, token)
+ WHERE m.id = d.id AND m.status = 'dispatched' AND m.lease_token = d.token
+RETURNING m.id, m.from_addr, m.from_name, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
+          m.subject, m.text_body, m.html_body, m.headers, m.importance, m.message_id,
+          m.attempts, m.created_at, m.lease_token, m.system_generated,
+          EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments;
+
+-- attachments_of --
+-- Attachments of the claimed messages.
+SELECT message_id, filename, content_type, content
+  FROM outbox.attachment WHERE message_id = ANY(%(ids)s) ORDER BY id;
+
+-- finished_recipients_of --
+-- Recipients that earlier attempts settled for good (never sent to again).
+SELECT message_id, addr, status, smtp_code, smtp_reply
+  FROM outbox.recipient
+ WHERE message_id = ANY(%(ids)s) AND status IN ('sent', 'failed');
+
+-- connectors --
+-- Every connector (resolution happens in Python, per batch).
+SELECT * FROM outbox.connector;
+
+-- settings --
+-- Instance-wide settings.
+SELECT * FROM outbox.settings;
+
+-- set_phase --
+-- Record how far the SMTP conversation got (read when a lease expires mid-send).
+UPDATE outbox.message SET phase = %(phase)s
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending';
+
+-- finish_attempt --
+-- Write an attempt's outcome, only while this worker still holds the lease (fencing): the
+-- row, its attempt history and its per-recipient results, in one statement.
+WITH done AS (
+    UPDATE outbox.message
+       SET status = %(status)s,
+           attempts = attempts - %(refund)s,
+           next_attempt_at = coalesce(%(next_attempt_at)s, next_attempt_at),
+           connector_id = coalesce(%(connector_id)s, connector_id),
+           phase = %(phase)s, last_error = %(last_error)s,
+           last_smtp_code = %(smtp_code)s, last_smtp_reply = %(smtp_reply)s,
+           sent_at = CASE WHEN %(status)s IN ('sent', 'partial') THEN now() ELSE sent_at END,
+           first_failed_at = CASE WHEN %(failure)s THEN coalesce(first_failed_at, now())
+                             ELSE first_failed_at END,
+           lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+     WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending'
+    RETURNING id, attempts),
+history AS (
+    INSERT INTO outbox.attempt (message_id, attempt, connector_id, connector_name, started_at,
+                                phase, outcome, smtp_code, smtp_reply, error)
+    SELECT id, attempts + %(refund)s, %(connector_id)s, %(connector_name)s, %(started_at)s,
+           %(phase)s, %(outcome)s, %(smtp_code)s, %(smtp_reply)s, %(last_error)s
+      FROM done),
+results AS (
+    INSERT INTO outbox.recipient (message_id, addr, status, smtp_code, smtp_reply)
+    SELECT done.id, r.addr, r.status, r.code, r.reply
+      FROM done, unnest(%(r_addrs)s::text[], %(r_status)s::text[], %(r_codes)s::int[],
+                        %(r_replies)s::text[]) AS r(addr, status, code, reply)
+    ON CONFLICT (message_id, addr) DO UPDATE
+       SET status = EXCLUDED.status, smtp_code = EXCLUDED.smtp_code,
+           smtp_reply = EXCLUDED.smtp_reply, updated_at = now())
+SELECT count(*) AS written FROM done;
+
+-- pending_work --
+-- What the pipeline still has to move: due now, in flight, or waiting for a retry.
+SELECT count(*) FILTER (WHERE status IN ('queued', 'retry') AND next_attempt_at <= now()) AS due,
+       count(*) FILTER (WHERE status IN ('dispatched', 'sending')) AS in_flight,
+       count(*) FILTER (WHERE status = 'retry') AS retrying
+  FROM outbox.message
+ WHERE status IN ('queued', 'retry', 'dispatched', 'sending');

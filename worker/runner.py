@@ -1,0 +1,118 @@
+"""Running the pieces: a poller, a worker process (Dramatiq threads on one event loop), or
+both for one machine. SIGTERM/SIGINT stop them gracefully: in-flight sends finish,
+unstarted broker messages go back to Redis, and anything left is re-dispatched after its
+lease by Postgres."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import dramatiq
+
+from outbox import logs
+from outbox.config import Config
+from worker import metrics
+from worker.broker import make_broker
+from worker.poller import Poller
+
+log = logs.get("outbox.runner")
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_poller(config: Config, stop: threading.Event, *, until_idle: bool = False) -> None:
+    _, actor, _ = make_broker(config)
+    Poller(config, actor).run(stop, until_idle=until_idle)
+
+
+class WorkerProcess:
+    """A Dramatiq worker consuming `config.queue` in this process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.broker, self.actor, _ = make_broker(config)
+        self.worker = dramatiq.Worker(self.broker, queues={config.queue},
+                                      worker_threads=config.worker_threads, worker_timeout=100)
+
+    def start(self) -> None:
+        self.worker.start()
+        log.info("worker started", queue=self.config.queue, threads=self.config.worker_threads)
+
+    def join(self) -> None:
+        """Wait until the queue is empty and every worker thread is idle (tests, drain)."""
+        self.broker.join(self.config.queue)
+        self.worker.join()
+
+    def stop(self, timeout_seconds: float = 600) -> None:
+        self.worker.stop(timeout=int(timeout_seconds * 1000))
+        self.broker.close()
+        log.info("worker stopped")
+
+
+def run_worker(config: Config, stop: threading.Event) -> None:
+    worker = WorkerProcess(config)
+    worker.start()
+    try:
+        stop.wait()
+    finally:
+        worker.stop()
+
+
+def _spawn_workers(config: Config, count: int) -> list[subprocess.Popen[bytes]]:
+    """More worker processes, configured through the environment like this one."""
+    env = dict(os.environ)
+    for key, value in config.model_dump().items():
+        if value is not None:
+            env[f"OUTBOX_{key.upper()}"] = str(value)
+    env.pop("OUTBOX_METRICS_PORT", None)  # the parent serves metrics
+    args = [sys.executable, "-m", "outbox.cli", "worker", "--processes", "1"]
+    return [subprocess.Popen(args, env=env) for _ in range(count)]
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+    for child in children:
+        child.wait(timeout=600)
+
+
+def run_all_workers(config: Config, stop: threading.Event) -> None:
+    """`config.worker_processes` worker processes: this one and children."""
+    metrics.serve(config.metrics_port)
+    children = _spawn_workers(config, config.worker_processes - 1)
+    try:
+        run_worker(config, stop)
+    finally:
+        _stop_children(children)
+
+
+def run_all(config: Config, stop: threading.Event, *, until_idle: bool = False) -> None:
+    """Poller and workers for one machine: one worker in this process, more as children."""
+    metrics.serve(config.metrics_port)
+    children = _spawn_workers(config, config.worker_processes - 1)
+    worker = WorkerProcess(config)
+    worker.start()
+    poller_thread = threading.Thread(
+        target=run_poller, args=(config, stop), kwargs={"until_idle": until_idle},
+        name="outbox-poller", daemon=True)
+    poller_thread.start()
+    try:
+        while poller_thread.is_alive() and not stop.is_set():
+            poller_thread.join(timeout=0.5)
+        if until_idle:
+            worker.join()
+    finally:
+        stop.set()
+        poller_thread.join(timeout=30)
+        worker.stop()
+        _stop_children(children)

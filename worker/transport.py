@@ -1,0 +1,265 @@
+"""SMTP transport: aiosmtplib connections pooled per connector, one phase-tracked
+transaction (MAIL, RCPT each, DATA, final dot) per message.
+
+The envelope is always explicit; nothing is derived from headers. Credentials are only ever
+sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib import SMTP
+from aiosmtplib.errors import SMTPResponseException
+
+from outbox.connectors import effective_security
+from outbox.errors import ConfigurationError
+from outbox.resolve import Connector
+from outbox.secrets import password_for
+from worker.policy import Verdict, classify
+
+
+class TLSRequiredError(aiosmtplib.SMTPException):
+    """The connector requires TLS (STARTTLS or AUTH) but the session is not encrypted."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one message on the wire."""
+
+    phase: str = "connect"
+    code: int | None = None
+    reply: str | None = None
+    error: str | None = None
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    replies: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def summary(self) -> str:
+        if self.code is not None:
+            return f"{self.code} {self.reply or ''}".strip()
+        return self.error or ""
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verified TLS (hostname and chain), 1.2 at least; a connector may bring its own CA."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _encode_address(addr: str) -> tuple[str, bool]:
+    """Envelope form: IDN domain as punycode. Returns (address, needs SMTPUTF8)."""
+    local, _, domain = addr.rpartition("@")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass
+    address = f"{local}@{domain}"
+    return address, not address.isascii()
+
+
+_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+def _dot_stuff(content: bytes) -> bytes:
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    return _DOT.sub(b"..", content) + b".\r\n"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+class ConnectorPool:
+    """Up to `max_connections` SMTP sessions to one connector, kept open between messages."""
+
+    def __init__(self, connector: Connector, *, local_hostname: str, timeout: float) -> None:
+        self.connector = connector
+        self.local_hostname = local_hostname
+        self.timeout = timeout
+        self._slots = asyncio.Semaphore(connector.max_connections)
+        self._idle: list[SMTP] = []
+        self._ctx: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            self._ctx = tls_context(self.connector.ca_file)
+        return self._ctx
+
+    async def open(self, on_phase: Callable[[str], None]) -> SMTP:
+        """Connect, greet, secure and authenticate: a session ready for MAIL."""
+        c = self.connector
+        mode = effective_security(c)
+        password = password_for(c) if c.has_credentials else None
+        client = SMTP(
+            hostname=c.host, port=c.port, use_tls=mode == "tls", start_tls=False,
+            tls_context=self._tls() if mode == "tls" else None, timeout=self.timeout,
+            local_hostname=self.local_hostname,
+        )
+        on_phase("connect")
+        await client.connect()
+        on_phase("ehlo")
+        await client.ehlo()
+        if mode == "starttls" or (mode == "opportunistic" and client.supports_extension("starttls")):
+            if not client.supports_extension("starttls"):
+                client.close()
+                raise TLSRequiredError(
+                    f"{c.host}:{c.port} does not offer STARTTLS, which connector {c.name} requires"
+                )
+            on_phase("starttls")
+            await client.starttls(tls_context=self._tls())
+            on_phase("ehlo")
+            await client.ehlo()
+        if c.has_credentials:
+            if client.get_transport_info("sslcontext") is None:
+                client.close()
+                raise TLSRequiredError(
+                    f"refusing to send credentials of connector {c.name} over an unencrypted session"
+                )
+            on_phase("auth")
+            assert c.username is not None and password is not None
+            await client.login(c.username, password)
+        return client
+
+    async def send(self, sender: str, recipients: Sequence[str], content: bytes,
+                   on_phase: Callable[[str], None] = lambda p: None) -> Outcome:
+        """Send one message to `recipients`; never raises for SMTP or network trouble."""
+        started = time.monotonic()
+        outcome = Outcome()
+
+        def phase(p: str) -> None:
+            outcome.phase = p
+            on_phase(p)
+
+        async with self._slots:
+            client = self._idle.pop() if self._idle else None
+            for reused in (client is not None, False):
+                try:
+                    if client is None or not client.is_connected:
+                        client = await self.open(phase)
+                    await self._transaction(client, sender, recipients, content, outcome, phase)
+                except Exception as exc:  # network, TLS, protocol: recorded, never raised
+                    self._fail(outcome, exc, recipients)
+                    if client is not None:
+                        client.close()
+                    client = None
+                    if reused and outcome.phase == "mail" and outcome.code in (None, 421):
+                        # A pooled session the server had dropped: nothing was sent yet.
+                        outcome = Outcome()
+                        continue
+                break
+            if client is not None and client.is_connected:
+                self._idle.append(client)
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    @staticmethod
+    def _fail(outcome: Outcome, exc: BaseException, recipients: Sequence[str]) -> None:
+        if isinstance(exc, SMTPResponseException) and exc.code > 0:
+            outcome.code, outcome.reply = exc.code, exc.message
+        outcome.error = _describe(exc)
+        if isinstance(exc, ConfigurationError):
+            verdict = Verdict.TRANSIENT
+        else:
+            verdict = classify(outcome.phase, outcome.code)
+        for r in recipients:
+            if outcome.verdicts.get(r) in (None, Verdict.ACCEPTED):
+                outcome.verdicts[r] = verdict
+                outcome.replies[r] = (outcome.code, outcome.reply)
+
+    async def _transaction(self, client: SMTP, sender: str, recipients: Sequence[str],
+                           content: bytes, outcome: Outcome,
+                           phase: Callable[[str], None]) -> None:
+        envelope_from, utf8 = _encode_address(sender)
+        rcpts = [_encode_address(r) for r in recipients]
+        if utf8 or any(u for _, u in rcpts):
+            if not client.supports_extension("smtputf8"):
+                outcome.phase = "mail"
+                outcome.error = "non-ASCII address but the server does not offer SMTPUTF8"
+                for r in recipients:
+                    outcome.verdicts[r] = Verdict.PERMANENT
+                    outcome.replies[r] = (None, outcome.error)
+                return
+            options, encoding = ["SMTPUTF8"], "utf-8"
+        else:
+            options, encoding = [], "ascii"
+        phase("mail")
+        await client.mail(envelope_from, options=options, encoding=encoding)
+        accepted: list[str] = []
+        phase("rcpt")
+        for original, (addr, _) in zip(recipients, rcpts, strict=True):
+            try:
+                resp = await client.rcpt(addr, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                outcome.verdicts[original] = classify("rcpt", exc.code)
+                outcome.replies[original] = (exc.code, exc.message)
+                if exc.code == 421:  # the server is closing: the rest wait for next time
+                    raise
+                continue
+            accepted.append(original)
+            outcome.verdicts[original] = Verdict.ACCEPTED
+            outcome.replies[original] = (resp.code, resp.message)
+        if not accepted:
+            outcome.code, outcome.reply = outcome.replies[recipients[-1]]
+            await client.rset()
+            return
+        phase("data")
+        resp = await client.execute_command(b"DATA")
+        if resp.code != 354:
+            raise aiosmtplib.SMTPDataError(resp.code, resp.message)
+        phase("dot")
+        assert client.protocol is not None
+        client.protocol.write(_dot_stuff(content))
+        resp = await client.protocol.read_response(timeout=self.timeout)
+        outcome.code, outcome.reply = resp.code, resp.message
+        verdict = classify("dot", resp.code)
+        for r in accepted:
+            outcome.verdicts[r] = verdict
+            outcome.replies[r] = (resp.code, resp.message)
+        if resp.code == 421:
+            client.close()
+
+    async def aclose(self) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            try:
+                await asyncio.wait_for(client.quit(), timeout=2)
+            except Exception:
+                client.close()
+
+
+class Transport:
+    """Connection pools keyed by connector (a changed connector gets a fresh pool)."""
+
+    def __init__(self, *, local_hostname: str) -> None:
+        self.local_hostname = local_hostname
+        self._pools: dict[int, ConnectorPool] = {}
+        self._retired: set[asyncio.Future[None]] = set()
+
+    def pool(self, connector: Connector, *, timeout: float) -> ConnectorPool:
+        timeout = min(timeout, connector.timeout_seconds)
+        current = self._pools.get(connector.id)
+        if current is None or current.connector != connector or current.timeout != timeout:
+            if current is not None:
+                self._retired.add(asyncio.ensure_future(current.aclose()))
+            current = ConnectorPool(connector, local_hostname=self.local_hostname,
+                                    timeout=timeout)
+            self._pools[connector.id] = current
+        return current
+
+    async def aclose(self) -> None:
+        for p in self._pools.values():
+            await p.aclose()
+        self._pools.clear()
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
