@@ -8,6 +8,7 @@ Redis lost its keys) and held rows whose connector is enabled again.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ class Poller:
         self.actor = actor
         self._conn: psycopg.Connection[Any] | None = None
         self._listen: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
 
     # -- one cycle -------------------------------------------------------------------------
 
@@ -111,15 +113,21 @@ class Poller:
     # -- the loop --------------------------------------------------------------------------
 
     def _wait(self, timeout: float) -> None:
-        """Sleep until a NOTIFY arrives or `timeout` passes."""
+        """Sleep until a NOTIFY arrives, `timeout` passes or the poller is stopped."""
         if self._listen is None or self._listen.closed:
             self._listen = psycopg.connect(self.config.database_url, autocommit=True)
             self._listen.execute(f"LISTEN {CHANNEL}")
-        for _ in self._listen.notifies(timeout=max(0.0, timeout), stop_after=1):
-            pass
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for _ in self._listen.notifies(timeout=min(remaining, 0.5), stop_after=1):
+                return
 
     def run(self, stop: threading.Event, *, until_idle: bool = False) -> None:
         """Poll until `stop` is set (or, with `until_idle`, until nothing is left to move)."""
+        self._stop = stop
         log.info("poller started", queue=self.config.queue)
         retrying = Retrying(
             stop=_stop_on_event(stop),
