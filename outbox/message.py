@@ -123,7 +123,8 @@ def check_address(addr: str, what: str) -> str:
         )
     except EmailNotValidError as exc:
         raise ValidationError(f"{what}: invalid address {addr!r}: {exc}") from exc
-    return info.normalized
+    # Keep the local part as given (it may be case-sensitive); normalise the domain.
+    return f"{addr.rpartition('@')[0]}@{info.domain}"
 
 
 def check_addresses(addrs: Iterable[str] | str | None, what: str) -> list[str]:

@@ -132,7 +132,8 @@ def start_server(
         smtp_params["require_starttls"] = auth is not None
     if auth is not None:
         smtp_params["authenticator"] = auth
-        smtp_params["auth_require_tls"] = True
+        # aiosmtpd only counts STARTTLS as TLS; with implicit TLS the session is encrypted.
+        smtp_params["auth_require_tls"] = mode != "tls"
     else:
         smtp_params["auth_require_tls"] = False
     controller = Controller(recorder, **kwargs, **smtp_params)
