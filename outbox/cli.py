@@ -197,7 +197,7 @@ def settings() -> None:
 
 
 @settings.command("set")
-@click.argument("key", type=click.Choice(runtime_settings.KEYS))
+@click.argument("key", metavar="KEY", type=click.Choice(runtime_settings.KEYS))
 @click.argument("value")
 @with_conn
 def settings_set(conn: psycopg.Connection[Any], key: str, value: str) -> None:

@@ -1,0 +1,174 @@
+"""The `outbox` command as an operator runs it: exit codes, one-line errors, effects on rows
+and on what the SMTP server receives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from cryptography.fernet import Fernet
+
+
+def outbox(env, *args, input=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "outbox.cli", *args], env=env, input=input,
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"outbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def one_line_error(proc, code=1):
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("outbox: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def count(db):
+    return db.execute("SELECT count(*) FROM outbox.message").fetchone()[0]
+
+
+def test_db_init_is_idempotent(cli_env):
+    assert outbox(cli_env, "db", "init").stdout.strip() == "schema outbox is up to date"
+    assert outbox(cli_env, "db", "init").returncode == 0
+
+
+def test_send_prints_only_the_id(cli_env, db):
+    out = outbox(cli_env, "send", "--from", "a@example.com", "--to", "b@example.org", "--to",
+                 "c@example.org", "--cc", "d@example.org", "--subject", "Hi", "--text", "body").stdout
+    msg_id = int(out.strip())
+    assert out == f"{msg_id}\n"
+    row = db.execute("SELECT to_addrs, cc_addrs, status FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
+    assert row == (["b@example.org", "c@example.org"], ["d@example.org"], "queued")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from", "not-an-address", "--to", "b@example.org"], "from: invalid address"),
+    (["--from", "a@example.com", "--to", "b@example.org", "--header", "Bcc: x@evil.example"], "header 'Bcc' is not allowed"),
+    (["--from", "a@example.com", "--to", "b@example.org", "--send-at", "2030-01-01T10:00:00"], "needs a time zone"),
+    (["--from", "a@example.com"], "at least one recipient"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(cli_env, db, args, message):
+    proc = outbox(cli_env, "send", *args, "--subject", "s", "--text", "t", check=False)
+    assert message in one_line_error(proc)
+    assert count(db) == 0
+
+
+def test_subject_with_line_break_is_refused(cli_env, db):
+    proc = outbox(cli_env, "send", "--from", "a@example.com", "--to", "b@example.org",
+                  "--subject", "hi\r\nBcc: victim@example.org", "--text", "t", check=False)
+    assert "subject must be a single line" in one_line_error(proc)
+    assert count(db) == 0
+
+
+def test_size_limit_is_checked_at_enqueue(cli_env, db):
+    outbox(cli_env, "settings", "set", "max-message-bytes", "2048")
+    proc = outbox(cli_env, "send", "--from", "a@example.com", "--to", "b@example.org",
+                  "--subject", "big", "--text", "x" * 5000, check=False)
+    assert "over the maximum email size of 2048 bytes" in one_line_error(proc)
+    assert count(db) == 0
+
+
+def test_idempotency_key_inserts_once(cli_env, db):
+    args = ["send", "--from", "a@example.com", "--to", "b@example.org", "--subject", "s",
+            "--text", "t", "--idempotency-key", "order-1001-confirmation"]
+    first, second = outbox(cli_env, *args).stdout, outbox(cli_env, *args).stdout
+    assert first == second and count(db) == 1
+
+
+def test_settings_set_and_show(cli_env):
+    outbox(cli_env, "settings", "set", "retry-base-seconds", "1")
+    outbox(cli_env, "settings", "set", "additional-bcc", "archive@example.com, audit@example.com")
+    shown = json.loads(outbox(cli_env, "settings", "show", "--json").stdout)
+    assert shown["retry-base-seconds"] == 1
+    assert shown["additional-bcc"] == ["archive@example.com", "audit@example.com"]
+    assert {"unmonitored-address", "retry-max-seconds", "max-attempts", "lease-seconds",
+            "max-message-bytes", "override-to", "override-cc", "override-bcc"} <= set(shown)
+    assert "max-attempts: Input should be less than or equal to 10" in one_line_error(
+        outbox(cli_env, "settings", "set", "max-attempts", "11", check=False))
+    assert "retry-max-seconds must not be below" in one_line_error(
+        outbox(cli_env, "settings", "set", "retry-max-seconds", "0.5", check=False))
+    unknown = outbox(cli_env, "settings", "set", "colour", "blue", check=False)
+    assert "Invalid value for 'KEY'" in one_line_error(unknown, code=2)
+
+
+def test_connector_list_never_shows_a_password(cli_env, monkeypatch):
+    outbox(cli_env, "connector", "add", "relay", "--address", "relay@example.com", "--host", "localhost",
+           "--port", "587", "--username", "u", "--password-env", "RELAY_PW", "--default-gateway")
+    env = dict(cli_env, OUTBOX_SECRET_KEY=Fernet.generate_key().decode())
+    outbox(env, "connector", "add", "sales", "--address", "sales@example.com", "--host", "localhost",
+           "--port", "465", "--username", "s", "--password-stdin", input="hunter2-secret\n")
+    listed = outbox(cli_env, "connector", "list", "--json").stdout
+    assert "hunter2-secret" not in listed
+    rows = {c["name"]: c for c in json.loads(listed)}
+    assert rows["relay"]["password"] == "env:RELAY_PW" and rows["relay"]["effective_security"] == "starttls"
+    assert rows["sales"]["password"] == "encrypted" and rows["sales"]["effective_security"] == "tls"
+    assert rows["relay"]["default_gateway"] is True
+    table = outbox(cli_env, "connector", "list").stdout
+    assert "relay" in table and "hunter2" not in table
+
+
+def test_password_stdin_needs_a_secret_key(cli_env, db):
+    proc = outbox(cli_env, "connector", "add", "x", "--address", "x@example.com", "--host", "h",
+                  "--port", "587", "--username", "u", "--password-stdin", input="pw\n", check=False)
+    assert "OUTBOX_SECRET_KEY is not set" in one_line_error(proc)
+    assert db.execute("SELECT count(*) FROM outbox.connector").fetchone()[0] == 0
+
+
+def test_connector_test_reports_each_step(cli_env, smtp_factory, ca_file):
+    server = smtp_factory("starttls", username="u", password="right")
+    outbox(cli_env, "connector", "add", "good", "--address", "good@example.com", "--host", "localhost",
+           "--port", str(server.port), "--username", "u", "--password-env", "PW", "--ca-file", ca_file)
+    ok = outbox(dict(cli_env, PW="right"), "connector", "test", "good", "--json")
+    steps = json.loads(ok.stdout)["steps"]
+    assert [s["step"] for s in steps] == ["connect", "ehlo", "starttls", "ehlo", "auth", "tls"]
+    assert all(s["ok"] for s in steps)
+    assert server.recorder.received == []
+    bad = outbox(dict(cli_env, PW="wrong"), "connector", "test", "good", check=False)
+    assert bad.returncode == 1
+    assert "FAIL auth: SMTPAuthenticationError" in bad.stdout and "535" in bad.stdout
+
+
+def test_run_until_idle_delivers_and_status_shows_it(cli_env, smtp, db):
+    outbox(cli_env, "connector", "add", "gw", "--address", "gw@example.com", "--host", "localhost",
+           "--port", str(smtp.port), "--default-gateway")
+    ids = [outbox(cli_env, "send", "--from", "a@example.com", "--to", f"r{i}@example.org",
+                  "--subject", f"n{i}", "--text", "t").stdout.strip() for i in range(3)]
+    outbox(cli_env, "run", "--until-idle", "--threads", "2")
+    assert sorted(r.message["Subject"] for r in smtp.recorder.wait_for(3)) == ["n0", "n1", "n2"]
+    status = json.loads(outbox(cli_env, "status", "--json").stdout)
+    assert status["counts"]["sent"] == 3 and status["counts"]["queued"] == 0
+    assert status["by_connector"] == {"gw": {"sent": 3}}
+    shown = json.loads(outbox(cli_env, "show", ids[0], "--json").stdout)
+    assert shown["status"] == "sent" and shown["recipients"][0]["status"] == "sent"
+    assert shown["attempts_history"][0]["smtp_code"] == 250
+    text = outbox(cli_env, "show", ids[0]).stdout
+    assert "sent" in text and "Message-ID" in text
+
+
+def test_status_warns_when_recipients_are_overridden(cli_env):
+    outbox(cli_env, "settings", "set", "override-to", "qa@example.com")
+    assert "WARNING: test-environment override" in outbox(cli_env, "status").stdout
+
+
+def test_show_unknown_id(cli_env):
+    assert "no message with id 999" in one_line_error(outbox(cli_env, "show", "999", check=False))
+
+
+def test_unreachable_database_is_one_line(cli_env):
+    env = dict(cli_env, OUTBOX_DATABASE_URL="postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+    assert "cannot reach the database" in one_line_error(outbox(env, "status", check=False), code=3)
+
+
+def test_missing_schema_says_run_db_init(cli_env, database_url, db):
+    db.execute("DROP SCHEMA outbox CASCADE")
+    assert "run `outbox db init`" in one_line_error(outbox(cli_env, "status", check=False))
+
+
+def test_help_shows_env_vars(cli_env):
+    text = outbox(cli_env, "run", "--help").stdout
+    for var in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_METRICS_PORT", "OUTBOX_WORKER_THREADS"):
+        assert var in text
