@@ -18,8 +18,9 @@ class _Keeper:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.count += 1
         name = f"{time.time_ns()}-{self.count}.eml"
-        header = (f"X-Envelope-From: {envelope.mail_from}\r\n"
-                  f"X-Envelope-To: {', '.join(envelope.rcpt_tos)}\r\n").encode()
+        header = (
+            f"X-Envelope-From: {envelope.mail_from}\r\nX-Envelope-To: {', '.join(envelope.rcpt_tos)}\r\n"
+        ).encode()
         tmp = self.maildir / f".{name}"
         tmp.write_bytes(header + envelope.original_content)
         tmp.rename(self.maildir / name)
@@ -30,7 +31,9 @@ def serve(host: str, port: int, maildir: str) -> None:
     try:
         from aiosmtpd.controller import Controller
     except ImportError:
-        raise SystemExit("outbox: error: the catcher needs aiosmtpd: pip install 'outbox-worker[catcher]'") from None
+        raise SystemExit(
+            "outbox: error: the catcher needs aiosmtpd: pip install 'outbox-worker[catcher]'"
+        ) from None
     path = Path(maildir)
     path.mkdir(parents=True, exist_ok=True)
     controller = Controller(_Keeper(path), hostname=host, port=port)

@@ -26,8 +26,11 @@ EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
 
 def _db_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--database-url", envvar="OUTBOX_DATABASE_URL", show_envvar=True,
-        default=Config.model_fields["database_url"].default, show_default=True,
+        "--database-url",
+        envvar="OUTBOX_DATABASE_URL",
+        show_envvar=True,
+        default=Config.model_fields["database_url"].default,
+        show_default=True,
         help="Postgres connection URL.",
     )(f)
 
@@ -60,23 +63,35 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-              for row in cells]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="outbox-worker")
-@click.option("--log-level", envvar="OUTBOX_LOG_LEVEL", show_envvar=True, default="info",
-              show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", envvar="OUTBOX_LOG_FORMAT", show_envvar=True, default="console",
-              show_default=True, type=click.Choice(["console", "json"]))
+@click.option(
+    "--log-level",
+    envvar="OUTBOX_LOG_LEVEL",
+    show_envvar=True,
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format",
+    envvar="OUTBOX_LOG_FORMAT",
+    show_envvar=True,
+    default="console",
+    show_default=True,
+    type=click.Choice(["console", "json"]),
+)
 def cli(log_level: str, log_format: str) -> None:
     """outbox-worker: a durable Postgres outbox for outbound email."""
     logs.configure(level=log_level, fmt=log_format)
 
 
 # -- db --------------------------------------------------------------------------------------
+
 
 @cli.group()
 def db() -> None:
@@ -94,6 +109,7 @@ def db_init(conn: psycopg.Connection[Any]) -> None:
 
 # -- connectors ----------------------------------------------------------------------------
 
+
 @cli.group()
 def connector() -> None:
     """SMTP connectors (Enate's Outgoing/Both connectors and the System Default Gateway)."""
@@ -103,39 +119,65 @@ def connector() -> None:
 @click.argument("name")
 @click.option("--address", required=True, help="Primary address (From) of the connector.")
 @click.option("--alias", "aliases", multiple=True, help="More From addresses (routes); repeat.")
-@click.option("--direction", type=click.Choice(connectors.DIRECTIONS), default="outgoing",
-              show_default=True)
+@click.option("--direction", type=click.Choice(connectors.DIRECTIONS), default="outgoing", show_default=True)
 @click.option("--host", help="SMTP server host.")
 @click.option("--port", type=int, help="SMTP server port (25, 587, 465, ...).")
-@click.option("--security", type=click.Choice(connectors.SECURITY_MODES), default="auto",
-              show_default=True,
-              help="auto: 465 implicit TLS, 587 STARTTLS, 25 STARTTLS when offered "
-                   "(required with credentials).")
+@click.option(
+    "--security",
+    type=click.Choice(connectors.SECURITY_MODES),
+    default="auto",
+    show_default=True,
+    help="auto: 465 implicit TLS, 587 STARTTLS, 25 STARTTLS when offered (required with credentials).",
+)
 @click.option("--username", help="SMTP AUTH user (for `both`: the incoming-mail login).")
-@click.option("--password-env", metavar="VAR",
-              help="Name of the worker's environment variable holding the password.")
-@click.option("--password-stdin", is_flag=True,
-              help="Read the password from stdin; stored encrypted with $OUTBOX_SECRET_KEY.")
+@click.option(
+    "--password-env",
+    metavar="VAR",
+    help="Name of the worker's environment variable holding the password.",
+)
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from stdin; stored encrypted with $OUTBOX_SECRET_KEY.",
+)
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="CA bundle to verify the server.")
 @click.option("--default-gateway", is_flag=True, help="Make it the System Default Gateway.")
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
 @click.option("--max-connections", type=click.IntRange(1, 100), default=4, show_default=True)
-@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0.1), default=60.0,
-              show_default=True, help="SMTP timeout per command, seconds.")
+@click.option(
+    "--timeout",
+    "timeout_seconds",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="SMTP timeout per command, seconds.",
+)
 @click.option("--actor", help="Who is making the change (default: the OS user).")
 @with_conn
-def connector_add(conn: psycopg.Connection[Any], name: str, aliases: tuple[str, ...],
-                  password_stdin: bool, disabled: bool, default_gateway: bool,
-                  actor: str | None, **options: Any) -> None:
+def connector_add(
+    conn: psycopg.Connection[Any],
+    name: str,
+    aliases: tuple[str, ...],
+    password_stdin: bool,
+    disabled: bool,
+    default_gateway: bool,
+    actor: str | None,
+    **options: Any,
+) -> None:
     """Register a connector."""
     password = None
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise ValidationError("--password-stdin read an empty password")
-    new = connectors.NewConnector(name=name, aliases=aliases, password=password,
-                                  enabled=not disabled, default_gateway=default_gateway,
-                                  **options)
+    new = connectors.NewConnector(
+        name=name,
+        aliases=aliases,
+        password=password,
+        enabled=not disabled,
+        default_gateway=default_gateway,
+        **options,
+    )
     connectors.add(conn, new, actor=actor)
     click.echo(f"connector {name} added")
 
@@ -146,9 +188,29 @@ def connector_add(conn: psycopg.Connection[Any], name: str, aliases: tuple[str, 
 def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
     """List connectors (passwords are never shown, only how they are kept)."""
     rows = [connectors.describe(c) for c in connectors.load_all(conn)]
-    emit(rows, as_json, lambda rs: table(rs, [
-        "name", "direction", "address", "host", "port", "effective_security", "username",
-        "password", "enabled", "default_gateway"]) if rs else "no connectors")
+    emit(
+        rows,
+        as_json,
+        lambda rs: (
+            table(
+                rs,
+                [
+                    "name",
+                    "direction",
+                    "address",
+                    "host",
+                    "port",
+                    "effective_security",
+                    "username",
+                    "password",
+                    "enabled",
+                    "default_gateway",
+                ],
+            )
+            if rs
+            else "no connectors"
+        ),
+    )
 
 
 @connector.command("enable")
@@ -181,15 +243,24 @@ def connector_test(conn: psycopg.Connection[Any], name: str, as_json: bool) -> N
 
     c = connectors.get(conn, name)
     settings = runtime_settings.load(conn)
-    result = probe(c, timeout=min(settings.smtp_timeout_seconds, c.timeout_seconds),
-                   local_hostname=Config().local_hostname)
-    emit(result, as_json, lambda r: "\n".join(
-        f"{'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['detail']}" for s in r["steps"]))
+    result = probe(
+        c,
+        timeout=min(settings.smtp_timeout_seconds, c.timeout_seconds),
+        local_hostname=Config().local_hostname,
+    )
+    emit(
+        result,
+        as_json,
+        lambda r: "\n".join(
+            f"{'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['detail']}" for s in r["steps"]
+        ),
+    )
     if not result["ok"]:
         sys.exit(EXIT_ERROR)
 
 
 # -- settings ------------------------------------------------------------------------------
+
 
 @cli.group()
 def settings() -> None:
@@ -215,12 +286,18 @@ def settings_set(conn: psycopg.Connection[Any], key: str, value: str) -> None:
 def settings_show(conn: psycopg.Connection[Any], as_json: bool) -> None:
     """Show every setting."""
     data = {k.replace("_", "-"): v for k, v in runtime_settings.load(conn).model_dump().items()}
-    emit(data, as_json, lambda d: "\n".join(
-        f"{k:<22} {','.join(v) if isinstance(v, list) else ('' if v is None else v)}"
-        for k, v in d.items()))
+    emit(
+        data,
+        as_json,
+        lambda d: "\n".join(
+            f"{k:<22} {','.join(v) if isinstance(v, list) else ('' if v is None else v)}"
+            for k, v in d.items()
+        ),
+    )
 
 
 # -- sending -------------------------------------------------------------------------------
+
 
 def _parse_when(value: str | None) -> datetime | None:
     if value is None:
@@ -254,45 +331,88 @@ def _parse_headers(values: Iterable[str]) -> dict[str, str]:
 @click.option("--subject", required=True)
 @click.option("--text", help="Plain-text body.")
 @click.option("--html", help="HTML body.")
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="File to attach; repeat.")
+@click.option(
+    "--attach",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="File to attach; repeat.",
+)
 @click.option("--header", "headers", multiple=True, help="Extra header 'X-Name: value'; repeat.")
 @click.option("--send-at", help="Send at this ISO 8601 time (with offset).")
-@click.option("--importance", type=click.Choice(["high", "normal", "low"]), default="normal",
-              show_default=True)
+@click.option(
+    "--importance",
+    type=click.Choice(["high", "normal", "low"]),
+    default="normal",
+    show_default=True,
+)
 @click.option("--idempotency-key", help="A repeat with the same key inserts nothing.")
 @click.option("--reference", help="Your reference (e.g. a case number).")
 @click.option("--system", "system_generated", is_flag=True, help="System-generated mail.")
 @with_conn
-def send(conn: psycopg.Connection[Any], attach: tuple[str, ...], headers: tuple[str, ...],
-         send_at: str | None, to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...],
-         **fields: Any) -> None:
+def send(
+    conn: psycopg.Connection[Any],
+    attach: tuple[str, ...],
+    headers: tuple[str, ...],
+    send_at: str | None,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    **fields: Any,
+) -> None:
     """Enqueue one message; print its id."""
     if fields["text"] is None and fields["html"] is None:
         raise ValidationError("give --text or --html")
     msg_id = enqueue(
-        conn, to=list(to), cc=list(cc), bcc=list(bcc),
+        conn,
+        to=list(to),
+        cc=list(cc),
+        bcc=list(bcc),
         attachments=[Attachment.from_path(p) for p in attach],
-        headers=_parse_headers(headers), send_after=_parse_when(send_at), **fields)
+        headers=_parse_headers(headers),
+        send_after=_parse_when(send_at),
+        **fields,
+    )
     conn.commit()
     click.echo(msg_id)
 
 
 # -- running -------------------------------------------------------------------------------
 
+
 def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         _db_option,
-        click.option("--redis-url", envvar="OUTBOX_REDIS_URL", show_envvar=True,
-                     default=Config.model_fields["redis_url"].default, show_default=True),
-        click.option("--queue", envvar="OUTBOX_QUEUE", show_envvar=True,
-                     default=Config.model_fields["queue"].default, show_default=True,
-                     help="Dramatiq queue name."),
-        click.option("--redis-namespace", envvar="OUTBOX_REDIS_NAMESPACE", show_envvar=True,
-                     default=Config.model_fields["redis_namespace"].default, show_default=True,
-                     help="Prefix of every Redis key."),
-        click.option("--metrics-port", envvar="OUTBOX_METRICS_PORT", show_envvar=True,
-                     type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+        click.option(
+            "--redis-url",
+            envvar="OUTBOX_REDIS_URL",
+            show_envvar=True,
+            default=Config.model_fields["redis_url"].default,
+            show_default=True,
+        ),
+        click.option(
+            "--queue",
+            envvar="OUTBOX_QUEUE",
+            show_envvar=True,
+            default=Config.model_fields["queue"].default,
+            show_default=True,
+            help="Dramatiq queue name.",
+        ),
+        click.option(
+            "--redis-namespace",
+            envvar="OUTBOX_REDIS_NAMESPACE",
+            show_envvar=True,
+            default=Config.model_fields["redis_namespace"].default,
+            show_default=True,
+            help="Prefix of every Redis key.",
+        ),
+        click.option(
+            "--metrics-port",
+            envvar="OUTBOX_METRICS_PORT",
+            show_envvar=True,
+            type=int,
+            default=None,
+            help="Serve Prometheus metrics on 127.0.0.1:PORT.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -300,14 +420,26 @@ def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _worker_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--threads", "worker_threads", envvar="OUTBOX_WORKER_THREADS",
-                     show_envvar=True, type=click.IntRange(1, 256),
-                     default=Config.model_fields["worker_threads"].default, show_default=True,
-                     help="Concurrent broker messages per worker process.")(f)
-    f = click.option("--processes", "worker_processes", envvar="OUTBOX_WORKER_PROCESSES",
-                     show_envvar=True, type=click.IntRange(1, 64),
-                     default=Config.model_fields["worker_processes"].default,
-                     show_default=True, help="Worker processes.")(f)
+    f = click.option(
+        "--threads",
+        "worker_threads",
+        envvar="OUTBOX_WORKER_THREADS",
+        show_envvar=True,
+        type=click.IntRange(1, 256),
+        default=Config.model_fields["worker_threads"].default,
+        show_default=True,
+        help="Concurrent broker messages per worker process.",
+    )(f)
+    f = click.option(
+        "--processes",
+        "worker_processes",
+        envvar="OUTBOX_WORKER_PROCESSES",
+        show_envvar=True,
+        type=click.IntRange(1, 64),
+        default=Config.model_fields["worker_processes"].default,
+        show_default=True,
+        help="Worker processes.",
+    )(f)
     return f
 
 
@@ -318,8 +450,9 @@ def _config(**flags: Any) -> Config:
 @cli.command("run")
 @_runner_options
 @_worker_options
-@click.option("--until-idle", is_flag=True,
-              help="Exit once nothing is due, in flight or waiting for a retry.")
+@click.option(
+    "--until-idle", is_flag=True, help="Exit once nothing is due, in flight or waiting for a retry."
+)
 def run(until_idle: bool, **flags: Any) -> None:
     """Poller and workers together, for one machine."""
     from worker.runner import install_signal_handlers, run_all
@@ -357,6 +490,7 @@ def worker_cmd(**flags: Any) -> None:
 
 # -- reading -------------------------------------------------------------------------------
 
+
 @cli.command("status")
 @_json_option
 @with_conn
@@ -377,8 +511,12 @@ def show(conn: psycopg.Connection[Any], message_id: int, as_json: bool) -> None:
 @cli.command("catcher")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=1025, show_default=True)
-@click.option("--maildir", type=click.Path(file_okay=False), required=True,
-              help="Where received messages are kept (one .eml file each).")
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Where received messages are kept (one .eml file each).",
+)
 def catcher(host: str, port: int, maildir: str) -> None:
     """A local SMTP catcher that keeps what it receives (for trying things out)."""
     from outbox.catcher import serve
@@ -389,8 +527,7 @@ def catcher(host: str, port: int, maildir: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one-line errors, no tracebacks for a user's mistake."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="outbox",
-                 standalone_mode=False)
+        cli.main(args=list(argv) if argv is not None else None, prog_name="outbox", standalone_mode=False)
     except click.exceptions.Abort:
         _fail("aborted", EXIT_ERROR)
     except click.ClickException as exc:

@@ -81,26 +81,29 @@ def _validate(new: NewConnector) -> dict[str, Any]:
     if new.username and not has_secret:
         raise ValidationError("--username needs --password-env VAR or --password-stdin")
     if new.username and new.security == "none":
-        raise ValidationError(
-            "refusing credentials with --security none: AUTH is only ever sent over TLS"
-        )
+        raise ValidationError("refusing credentials with --security none: AUTH is only ever sent over TLS")
     if new.port == 465 and new.security in ("starttls", "none"):
         raise ValidationError("port 465 is implicit TLS: use --security tls (or auto)")
     if new.security == "tls" and new.port in (25, 587):
-        raise ValidationError(
-            f"port {new.port} speaks plain SMTP first: use --security starttls (or auto)"
-        )
+        raise ValidationError(f"port {new.port} speaks plain SMTP first: use --security starttls (or auto)")
     if new.ca_file and not os.path.isfile(new.ca_file):
         raise ValidationError(f"CA file {new.ca_file} does not exist")
     return {
-        "name": new.name, "direction": new.direction, "address": address,
-        "aliases": list(aliases), "host": new.host, "port": new.port,
-        "security": new.security, "username": new.username,
+        "name": new.name,
+        "direction": new.direction,
+        "address": address,
+        "aliases": list(aliases),
+        "host": new.host,
+        "port": new.port,
+        "security": new.security,
+        "username": new.username,
         "password_env": new.password_env,
         "password_enc": secrets.encrypt(new.password) if new.password is not None else None,
         "ca_file": os.path.abspath(new.ca_file) if new.ca_file else None,
-        "enabled": new.enabled, "is_default_gateway": new.default_gateway,
-        "max_connections": new.max_connections, "timeout_seconds": new.timeout_seconds,
+        "enabled": new.enabled,
+        "is_default_gateway": new.default_gateway,
+        "max_connections": new.max_connections,
+        "timeout_seconds": new.timeout_seconds,
     }
 
 
@@ -117,12 +120,24 @@ def get(conn: psycopg.Connection[Any], name: str) -> Connector:
     return Connector.from_row(row)
 
 
-def _event(conn: psycopg.Connection[Any], c_id: int | None, name: str, action: str,
-           actor: str | None, detail: dict[str, Any] | None = None) -> None:
-    conn.execute(Q["insert_connector_event"], {
-        "connector_id": c_id, "connector_name": name, "action": action,
-        "actor": actor or default_actor(), "detail": Jsonb(detail or {}),
-    })
+def _event(
+    conn: psycopg.Connection[Any],
+    c_id: int | None,
+    name: str,
+    action: str,
+    actor: str | None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        Q["insert_connector_event"],
+        {
+            "connector_id": c_id,
+            "connector_name": name,
+            "action": action,
+            "actor": actor or default_actor(),
+            "detail": Jsonb(detail or {}),
+        },
+    )
 
 
 def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None = None) -> int:
@@ -137,26 +152,37 @@ def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None =
             claimed = {a for c in existing if c.outbound for a in c.addresses}
             clash = sorted({values["address"], *values["aliases"]} & claimed)
             if clash:
-                raise ValidationError(
-                    f"{', '.join(clash)} already belongs to another outbound connector"
-                )
+                raise ValidationError(f"{', '.join(clash)} already belongs to another outbound connector")
         if new.default_gateway:
             gateway = next((c for c in existing if c.is_default_gateway), None)
             if gateway is not None:
-                raise ValidationError(
-                    f"connector {gateway.name} is already the System Default Gateway"
-                )
+                raise ValidationError(f"connector {gateway.name} is already the System Default Gateway")
         row = conn.execute(Q["insert_connector"], values).fetchone()
         assert row is not None
-        _event(conn, row[0], new.name, "created", actor, {
-            k: values[k] for k in ("direction", "address", "aliases", "host", "port",
-                                   "security", "is_default_gateway", "enabled")
-        })
+        _event(
+            conn,
+            row[0],
+            new.name,
+            "created",
+            actor,
+            {
+                k: values[k]
+                for k in (
+                    "direction",
+                    "address",
+                    "aliases",
+                    "host",
+                    "port",
+                    "security",
+                    "is_default_gateway",
+                    "enabled",
+                )
+            },
+        )
     return int(row[0])
 
 
-def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *,
-                actor: str | None = None) -> int:
+def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *, actor: str | None = None) -> int:
     """Enable (releasing held messages; returns how many) or disable a connector."""
     with conn.transaction():
         conn.execute(Q["lock_connectors"])
@@ -168,8 +194,14 @@ def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *,
         if enabled:
             row = conn.execute(Q["release_held"], {"id": connector.id}).fetchone()
             released = int(row[0]) if row else 0
-        _event(conn, connector.id, name, "enabled" if enabled else "disabled", actor,
-               {"released_held": released} if enabled else {})
+        _event(
+            conn,
+            connector.id,
+            name,
+            "enabled" if enabled else "disabled",
+            actor,
+            {"released_held": released} if enabled else {},
+        )
     return released
 
 
@@ -210,10 +242,17 @@ def check_unmonitored(conn: psycopg.Connection[Any], address: str | None) -> Non
 def describe(c: Connector) -> dict[str, Any]:
     """A connector for listings: never the password, only how it is kept."""
     return {
-        "name": c.name, "direction": c.direction, "address": c.address,
-        "aliases": list(c.aliases), "host": c.host, "port": c.port,
-        "security": c.security, "effective_security": effective_security(c) if c.outbound else None,
-        "username": c.username, "password": secrets.describe(c),
-        "ca_file": c.ca_file, "enabled": c.enabled,
+        "name": c.name,
+        "direction": c.direction,
+        "address": c.address,
+        "aliases": list(c.aliases),
+        "host": c.host,
+        "port": c.port,
+        "security": c.security,
+        "effective_security": effective_security(c) if c.outbound else None,
+        "username": c.username,
+        "password": secrets.describe(c),
+        "ca_file": c.ca_file,
+        "enabled": c.enabled,
         "default_gateway": c.is_default_gateway,
     }

@@ -23,8 +23,12 @@ def _params(draft: Draft) -> dict[str, Any]:
 
 def _attachment_params(message_id: int, draft: Draft) -> list[dict[str, Any]]:
     return [
-        {"message_id": message_id, "filename": a.filename, "content_type": a.content_type,
-         "content": a.content}
+        {
+            "message_id": message_id,
+            "filename": a.filename,
+            "content_type": a.content_type,
+            "content": a.content,
+        }
         for a in draft.attachments
     ]
 
@@ -64,8 +68,15 @@ def enqueue(
     `from_addr=None` with `system_generated=True` sends from the unmonitored address.
     Raises `outbox.ValidationError` before anything is written.
     """
-    kwargs = dict(options, from_addr=from_addr, to=to, subject=subject, text=text, html=html,
-                  attachments=attachments)
+    kwargs = dict(
+        options,
+        from_addr=from_addr,
+        to=to,
+        subject=subject,
+        text=text,
+        html=html,
+        attachments=attachments,
+    )
     unmonitored = None
     if from_addr is None:
         row = conn.execute(Q["unmonitored_address"]).fetchone()
@@ -95,8 +106,15 @@ async def enqueue_async(
     **options: Any,
 ) -> int:
     """The async twin of `enqueue`, on a psycopg `AsyncConnection`."""
-    kwargs = dict(options, from_addr=from_addr, to=to, subject=subject, text=text, html=html,
-                  attachments=attachments)
+    kwargs = dict(
+        options,
+        from_addr=from_addr,
+        to=to,
+        subject=subject,
+        text=text,
+        html=html,
+        attachments=attachments,
+    )
     unmonitored = None
     if from_addr is None:
         row = await (await conn.execute(Q["unmonitored_address"])).fetchone()

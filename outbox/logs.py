@@ -28,8 +28,11 @@ def configure(*, level: str = "info", fmt: str = "console") -> None:
         cache_logger_on_first_use=True,
     )
     # Libraries (dramatiq, psycopg pool) log through the standard library.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -36,9 +36,19 @@ _IMPORTANCE_HEADERS = {"high": ("High", "1 (Highest)"), "low": ("Low", "5 (Lowes
 ALLOWED_HEADERS = frozenset(
     name.lower()
     for name in (
-        "In-Reply-To", "References", "List-Id", "List-Unsubscribe", "List-Unsubscribe-Post",
-        "Auto-Submitted", "Precedence", "Sensitivity", "Keywords", "Comments",
-        "Organization", "Thread-Topic", "Thread-Index",
+        "In-Reply-To",
+        "References",
+        "List-Id",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "Auto-Submitted",
+        "Precedence",
+        "Sensitivity",
+        "Keywords",
+        "Comments",
+        "Organization",
+        "Thread-Topic",
+        "Thread-Index",
     )
 )
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
@@ -170,7 +180,11 @@ def prepare(
 ) -> Draft:
     """Validate everything and render once to know the exact size. Raises ValidationError."""
     sender = check_address(from_addr, "from")
-    to_l, cc_l, bcc_l = check_addresses(to, "to"), check_addresses(cc, "cc"), check_addresses(bcc, "bcc")
+    to_l, cc_l, bcc_l = (
+        check_addresses(to, "to"),
+        check_addresses(cc, "cc"),
+        check_addresses(bcc, "bcc"),
+    )
     total = len(to_l) + len(cc_l) + len(bcc_l)
     if total == 0:
         raise ValidationError("at least one recipient (to, cc or bcc) is required")
@@ -194,7 +208,9 @@ def prepare(
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise ValidationError(f"invalid header name {name!r}")
         if not (name.lower().startswith("x-") or name.lower() in ALLOWED_HEADERS):
-            raise ValidationError(f"header {name!r} is not allowed (use X-* or {', '.join(sorted(ALLOWED_HEADERS))})")
+            raise ValidationError(
+                f"header {name!r} is not allowed (use X-* or {', '.join(sorted(ALLOWED_HEADERS))})"
+            )
         check_line(value, f"header {name}")
         custom[name] = value
     files = tuple(attachments)
@@ -204,12 +220,23 @@ def prepare(
         if a.content_type.count("/") != 1:
             raise ValidationError(f"attachment {a.filename!r}: content type must be type/subtype")
     draft = Draft(
-        from_addr=sender, from_name=from_name, to=to_l, cc=cc_l, bcc=bcc_l, reply_to=reply,
-        subject=subject, text=text, html=html, headers=custom, attachments=files,
+        from_addr=sender,
+        from_name=from_name,
+        to=to_l,
+        cc=cc_l,
+        bcc=bcc_l,
+        reply_to=reply,
+        subject=subject,
+        text=text,
+        html=html,
+        headers=custom,
+        attachments=files,
         importance=importance,
         priority=_IMPORTANCE_PRIORITY[importance] if priority is None else int(priority),
-        system_generated=system_generated, reference=reference,
-        idempotency_key=idempotency_key, send_after=send_after,
+        system_generated=system_generated,
+        reference=reference,
+        idempotency_key=idempotency_key,
+        send_after=send_after,
         message_id=new_message_id(sender),
     )
     size = len(render(build(draft_fields(draft), files, date=None)))
@@ -219,13 +246,24 @@ def prepare(
 def draft_fields(d: Draft) -> dict[str, Any]:
     """A Draft as the column names of `outbox.message`."""
     return {
-        "from_addr": d.from_addr, "from_name": d.from_name, "to_addrs": d.to,
-        "cc_addrs": d.cc, "bcc_addrs": d.bcc, "reply_to": d.reply_to, "subject": d.subject,
-        "text_body": d.text, "html_body": d.html, "headers": d.headers,
-        "importance": d.importance, "priority": d.priority,
-        "system_generated": d.system_generated, "reference": d.reference,
-        "idempotency_key": d.idempotency_key, "send_after": d.send_after,
-        "message_id": d.message_id, "size_bytes": d.size_bytes,
+        "from_addr": d.from_addr,
+        "from_name": d.from_name,
+        "to_addrs": d.to,
+        "cc_addrs": d.cc,
+        "bcc_addrs": d.bcc,
+        "reply_to": d.reply_to,
+        "subject": d.subject,
+        "text_body": d.text,
+        "html_body": d.html,
+        "headers": d.headers,
+        "importance": d.importance,
+        "priority": d.priority,
+        "system_generated": d.system_generated,
+        "reference": d.reference,
+        "idempotency_key": d.idempotency_key,
+        "send_after": d.send_after,
+        "message_id": d.message_id,
+        "size_bytes": d.size_bytes,
     }
 
 

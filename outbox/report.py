@@ -12,8 +12,17 @@ from outbox.errors import NotFoundError
 from outbox.sql import queries
 
 Q = queries("outbox")
-STATUSES = ("queued", "dispatched", "sending", "retry", "held", "sent", "partial", "failed",
-            "cancelled")
+STATUSES = (
+    "queued",
+    "dispatched",
+    "sending",
+    "retry",
+    "held",
+    "sent",
+    "partial",
+    "failed",
+    "cancelled",
+)
 
 
 def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -93,14 +102,21 @@ def render_show(m: dict[str, Any]) -> str:
     if m["recipients"]:
         lines.append("recipients:")
         for r in m["recipients"]:
-            reply = f"{r['smtp_code']} {r['smtp_reply'] or ''}".strip() if r["smtp_code"] else (r["smtp_reply"] or "")
+            reply = (
+                f"{r['smtp_code']} {r['smtp_reply'] or ''}".strip()
+                if r["smtp_code"]
+                else (r["smtp_reply"] or "")
+            )
             lines.append(f"  {r['addr']:<32} {r['status']:<9} {reply}")
     if m["attempts_history"]:
         lines.append("attempts:")
         for a in m["attempts_history"]:
-            reply = f"{a['smtp_code']} {a['smtp_reply'] or ''}".strip() if a["smtp_code"] else (a["error"] or "")
+            reply = (
+                f"{a['smtp_code']} {a['smtp_reply'] or ''}".strip() if a["smtp_code"] else (a["error"] or "")
+            )
             lines.append(
                 f"  #{a['attempt']} {a['started_at']:%Y-%m-%d %H:%M:%S} "
                 f"{a['connector_name'] or '-'} {a['outcome']} at {a['phase'] or '-'} "
-                f"({a['duration_ms']} ms) {reply}".rstrip())
+                f"({a['duration_ms']} ms) {reply}".rstrip()
+            )
     return "\n".join(lines)

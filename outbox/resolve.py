@@ -84,7 +84,8 @@ def resolve(from_addr: str, connectors: Iterable[Connector]) -> Route:
         return Route("fail", None, f"no connector for {from_addr} and no System Default Gateway")
     if not gateway.enabled:
         return Route(
-            "fail", None,
+            "fail",
+            None,
             f"no connector for {from_addr} and the System Default Gateway {gateway.name} is disabled",
         )
     return Route("send", gateway, f"no connector for {from_addr}: System Default Gateway")

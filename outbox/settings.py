@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError as PydanticError, field_validator
 from psycopg import sql
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ValidationError as PydanticError
 
 from outbox.errors import ValidationError
 from outbox.message import check_address
@@ -85,8 +86,6 @@ def set_value(conn: psycopg.Connection[Any], key: str, raw: str) -> Settings:
         raise ValidationError(f"{key}: {first['msg']}") from None
     if updated.retry_max_seconds < updated.retry_base_seconds:
         raise ValidationError("retry-max-seconds must not be below retry-base-seconds")
-    stmt = sql.SQL("UPDATE outbox.settings SET {} = %s, updated_at = now()").format(
-        sql.Identifier(field)
-    )
+    stmt = sql.SQL("UPDATE outbox.settings SET {} = %s, updated_at = now()").format(sql.Identifier(field))
     conn.execute(stmt, [getattr(updated, field)])
     return updated

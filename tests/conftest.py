@@ -71,24 +71,34 @@ def redis_namespace() -> Iterator[str]:
 
 @pytest.fixture
 def config(database_url: str, redis_namespace: str) -> Config:
-    return Config(database_url=database_url, redis_url=REDIS_URL,
-                  redis_namespace=redis_namespace, poll_interval_seconds=0.2,
-                  worker_threads=4, local_hostname="outbox.test")
+    return Config(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        redis_namespace=redis_namespace,
+        poll_interval_seconds=0.2,
+        worker_threads=4,
+        local_hostname="outbox.test",
+    )
 
 
 @pytest.fixture
 def cli_env(config: Config) -> dict[str, str]:
     """Environment for running the `outbox` command against this test's services."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    env.update({
-        "OUTBOX_DATABASE_URL": config.database_url, "OUTBOX_REDIS_URL": config.redis_url,
-        "OUTBOX_REDIS_NAMESPACE": config.redis_namespace,
-        "OUTBOX_POLL_INTERVAL_SECONDS": "0.2", "OUTBOX_LOCAL_HOSTNAME": "outbox.test",
-    })
+    env.update(
+        {
+            "OUTBOX_DATABASE_URL": config.database_url,
+            "OUTBOX_REDIS_URL": config.redis_url,
+            "OUTBOX_REDIS_NAMESPACE": config.redis_namespace,
+            "OUTBOX_POLL_INTERVAL_SECONDS": "0.2",
+            "OUTBOX_LOCAL_HOSTNAME": "outbox.test",
+        }
+    )
     return env
 
 
 # -- TLS and SMTP ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
@@ -113,8 +123,13 @@ def server_tls(ca: trustme.CA) -> ssl.SSLContext:
 def smtp_factory(server_tls: ssl.SSLContext) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def make(mode: str = "plain", *, name: str = "smtp", username: str | None = None,
-             password: str | None = None) -> Server:
+    def make(
+        mode: str = "plain",
+        *,
+        name: str = "smtp",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> Server:
         auth = Authenticator(username, password) if username and password else None
         server = start_server(mode=mode, tls=server_tls, auth=auth, name=name)
         servers.append(server)
@@ -133,8 +148,13 @@ def smtp(smtp_factory: Callable[..., Server]) -> Server:
 
 # -- the pipeline ---------------------------------------------------------------------------
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30, step: Callable[[], None] | None = None,
-               what: str = "condition") -> Any:
+
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 30,
+    step: Callable[[], None] | None = None,
+    what: str = "condition",
+) -> Any:
     """Poll a condition (running `step` between looks) until true; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -170,16 +190,18 @@ class Pipeline:
 
     def status(self, message_id: int) -> str:
         with psycopg.connect(self.config.database_url) as conn:
-            row = conn.execute("SELECT status FROM outbox.message WHERE id = %s",
-                               [message_id]).fetchone()
+            row = conn.execute("SELECT status FROM outbox.message WHERE id = %s", [message_id]).fetchone()
         assert row is not None, f"no message {message_id}"
         return str(row[0])
 
     def until_status(self, message_id: int, *statuses: str, timeout: float = 30) -> str:
         """Run poller cycles until the message reaches one of `statuses`."""
-        return wait_until(lambda: (s := self.status(message_id)) in statuses and s,
-                          timeout=timeout, step=self.cycle,
-                          what=f"message {message_id} to reach {statuses}")
+        return wait_until(
+            lambda: (s := self.status(message_id)) in statuses and s,
+            timeout=timeout,
+            step=self.cycle,
+            what=f"message {message_id} to reach {statuses}",
+        )
 
     def stop(self) -> None:
         self.poller.close()

@@ -50,16 +50,18 @@ class Recorder:
     mail_replies: deque[str] = field(default_factory=deque)
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         if self.mail_replies:
             return self.mail_replies.popleft()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         script = self.rcpt_replies.get(address.lower())
         if script:
             return script.popleft() if len(script) > 1 else script[0]
@@ -70,8 +72,13 @@ class Recorder:
         if self.data_replies:
             return self.data_replies.popleft()
         with self.arrived:
-            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                          envelope.original_content or envelope.content))
+            self.received.append(
+                Received(
+                    envelope.mail_from,
+                    list(envelope.rcpt_tos),
+                    envelope.original_content or envelope.content,
+                )
+            )
             self.arrived.notify_all()
         return "250 2.0.0 OK queued"
 
@@ -90,8 +97,9 @@ class Authenticator:
         self.username, self.password = username.encode(), password.encode()
         self.logins: list[str] = []
 
-    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                 auth_data: Any) -> AuthResult:
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         if isinstance(auth_data, LoginPassword) and (
             auth_data.login == self.username and auth_data.password == self.password
         ):

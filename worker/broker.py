@@ -49,13 +49,13 @@ class DeliveryLifecycle(Middleware):
 def make_broker(config: Config) -> tuple[RedisBroker, dramatiq.Actor[Any, Any], DeliveryLifecycle]:
     """A Redis broker with the `deliver` actor registered on `config.queue`."""
     lifecycle = DeliveryLifecycle(config)
-    broker = RedisBroker(url=config.redis_url, namespace=config.redis_namespace,
-                         middleware=[AsyncIO(), lifecycle])
+    broker = RedisBroker(
+        url=config.redis_url, namespace=config.redis_namespace, middleware=[AsyncIO(), lifecycle]
+    )
 
     async def deliver(batch: list[list[Any]]) -> None:
         delivery = await lifecycle.get()
         await delivery.run(batch)
 
-    actor = dramatiq.actor(deliver, broker=broker, actor_name=ACTOR_NAME,
-                           queue_name=config.queue)
+    actor = dramatiq.actor(deliver, broker=broker, actor_name=ACTOR_NAME, queue_name=config.queue)
     return broker, actor, lifecycle

@@ -80,8 +80,12 @@ class Delivery:
     @classmethod
     async def open(cls, config: Config) -> Delivery:
         pool = psycopg_pool.AsyncConnectionPool(
-            config.database_url, min_size=1, max_size=max(4, config.worker_threads + 2),
-            kwargs={"autocommit": True}, open=False, name="outbox-worker",
+            config.database_url,
+            min_size=1,
+            max_size=max(4, config.worker_threads + 2),
+            kwargs={"autocommit": True},
+            open=False,
+            name="outbox-worker",
         )
         await pool.open(wait=False)
         return cls(config, pool)
@@ -108,25 +112,34 @@ class Delivery:
                     )
                     async with conn.transaction():
                         await cur.execute(Q["lock_batch"], {"ids": ids})
-                        await cur.execute(Q["start_sending"], {
-                            "ids": ids, "tokens": tokens,
-                            "lease_seconds": settings.lease_seconds,
-                        })
+                        await cur.execute(
+                            Q["start_sending"],
+                            {
+                                "ids": ids,
+                                "tokens": tokens,
+                                "lease_seconds": settings.lease_seconds,
+                            },
+                        )
                         rows = await cur.fetchall()
                     if not rows:
                         metrics.STALE_DELIVERIES.inc(len(ids))
                         return None
                     metrics.STALE_DELIVERIES.inc(len(ids) - len(rows))
-                    connectors = [Connector.from_row(r) for r in
-                                  await (await cur.execute(Q["connectors"])).fetchall()]
+                    connectors = [
+                        Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
+                    ]
                     claimed = [r["id"] for r in rows]
                     attachments: dict[int, list[Attachment]] = {}
                     if any(r["has_attachments"] for r in rows):
                         await cur.execute(Q["attachments_of"], {"ids": claimed})
                         for a in await cur.fetchall():
-                            attachments.setdefault(a["message_id"], []).append(Attachment(
-                                filename=a["filename"], content=bytes(a["content"]),
-                                content_type=a["content_type"]))
+                            attachments.setdefault(a["message_id"], []).append(
+                                Attachment(
+                                    filename=a["filename"],
+                                    content=bytes(a["content"]),
+                                    content_type=a["content_type"],
+                                )
+                            )
                     settled: dict[int, dict[str, str]] = {}
                     if any(r["attempts"] > 1 for r in rows):
                         await cur.execute(Q["finished_recipients_of"], {"ids": claimed})
@@ -154,55 +167,97 @@ class Delivery:
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
         decision = decide(
-            verdicts=outcome.verdicts, settled=settled, attempts=row["attempts"],
-            created_at=row["created_at"], now=datetime.now(UTC), settings=settings,
+            verdicts=outcome.verdicts,
+            settled=settled,
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+            now=datetime.now(UTC),
+            settings=settings,
         )
         await self._finish_sent(row, connector, outcome, decision, started, settings)
         metrics.observe_send(connector.name, decision.status, outcome.code, outcome.seconds)
-        bound.info("attempt finished", connector=connector.name, status=decision.status,
-                   phase=outcome.phase, smtp_code=outcome.code,
-                   error=outcome.error if decision.failure else None)
+        bound.info(
+            "attempt finished",
+            connector=connector.name,
+            status=decision.status,
+            phase=outcome.phase,
+            smtp_code=outcome.code,
+            error=outcome.error if decision.failure else None,
+        )
 
-    async def _finish_unrouted(self, row: dict[str, Any], route: Route, started: datetime,
-                               settings: Settings) -> None:
+    async def _finish_unrouted(
+        self, row: dict[str, Any], route: Route, started: datetime, settings: Settings
+    ) -> None:
         held = route.action == "hold"
-        await self._write(row, settings, {
-            "status": "held" if held else "failed",
-            "refund": 1 if held else 0,  # a disabled connector spends no attempt
-            "next_attempt_at": None,
-            "connector_id": route.connector.id if route.connector else None,
-            "connector_name": route.connector.name if route.connector else None,
-            "phase": None, "outcome": "held" if held else "failed",
-            "last_error": route.reason, "smtp_code": None, "smtp_reply": None,
-            "failure": not held, "started_at": started,
-        }, {})
+        await self._write(
+            row,
+            settings,
+            {
+                "status": "held" if held else "failed",
+                "refund": 1 if held else 0,  # a disabled connector spends no attempt
+                "next_attempt_at": None,
+                "connector_id": route.connector.id if route.connector else None,
+                "connector_name": route.connector.name if route.connector else None,
+                "phase": None,
+                "outcome": "held" if held else "failed",
+                "last_error": route.reason,
+                "smtp_code": None,
+                "smtp_reply": None,
+                "failure": not held,
+                "started_at": started,
+            },
+            {},
+        )
 
-    async def _finish_sent(self, row: dict[str, Any], connector: Connector, outcome: Outcome,
-                           decision: Decision, started: datetime, settings: Settings) -> None:
+    async def _finish_sent(
+        self,
+        row: dict[str, Any],
+        connector: Connector,
+        outcome: Outcome,
+        decision: Decision,
+        started: datetime,
+        settings: Settings,
+    ) -> None:
         last_error = outcome.summary if decision.failure else None
         if decision.failure and decision.status in ("failed", "partial"):
-            refused = [f"{a}: {_reply(outcome, a)}" for a, s in decision.recipients.items()
-                       if s == "failed"]
+            refused = [f"{a}: {_reply(outcome, a)}" for a, s in decision.recipients.items() if s == "failed"]
             if any(v in (Verdict.TRANSIENT, Verdict.AMBIGUOUS) for v in outcome.verdicts.values()):
                 last_error = f"gave up after {row['attempts']} attempts: {outcome.summary}"
             elif refused:
                 last_error = "; ".join(refused)[:2000]
         any_ambiguous = any(v is Verdict.AMBIGUOUS for v in outcome.verdicts.values())
-        await self._write(row, settings, {
-            "status": decision.status, "refund": 0,
-            "next_attempt_at": decision.next_attempt_at,
-            "connector_id": connector.id, "connector_name": connector.name,
-            "phase": outcome.phase,
-            "outcome": "ambiguous" if any_ambiguous else decision.status,
-            "last_error": last_error, "smtp_code": outcome.code, "smtp_reply": outcome.reply,
-            "failure": decision.failure, "started_at": started,
-        }, {a: (s, *outcome.replies.get(a, (None, None))) for a, s in decision.recipients.items()})
+        await self._write(
+            row,
+            settings,
+            {
+                "status": decision.status,
+                "refund": 0,
+                "next_attempt_at": decision.next_attempt_at,
+                "connector_id": connector.id,
+                "connector_name": connector.name,
+                "phase": outcome.phase,
+                "outcome": "ambiguous" if any_ambiguous else decision.status,
+                "last_error": last_error,
+                "smtp_code": outcome.code,
+                "smtp_reply": outcome.reply,
+                "failure": decision.failure,
+                "started_at": started,
+            },
+            {a: (s, *outcome.replies.get(a, (None, None))) for a, s in decision.recipients.items()},
+        )
 
-    async def _write(self, row: dict[str, Any], settings: Settings, params: dict[str, Any],
-                     recipients: Mapping[str, tuple[str, int | None, str | None]]) -> None:
+    async def _write(
+        self,
+        row: dict[str, Any],
+        settings: Settings,
+        params: dict[str, Any],
+        recipients: Mapping[str, tuple[str, int | None, str | None]],
+    ) -> None:
         params |= {
-            "id": row["id"], "lease_token": row["lease_token"],
-            "r_addrs": list(recipients), "r_status": [r[0] for r in recipients.values()],
+            "id": row["id"],
+            "lease_token": row["lease_token"],
+            "r_addrs": list(recipients),
+            "r_status": [r[0] for r in recipients.values()],
             "r_codes": [r[1] for r in recipients.values()],
             "r_replies": [r[2] for r in recipients.values()],
         }
@@ -215,11 +270,13 @@ class Delivery:
                     written = (await cur.fetchone() or (0,))[0]
         if not written:
             metrics.STALE_DELIVERIES.inc()
-            log.warning("lease lost before the outcome was written; row left to its new owner",
-                        message=row["id"], status=params["status"])
+            log.warning(
+                "lease lost before the outcome was written; row left to its new owner",
+                message=row["id"],
+                status=params["status"],
+            )
 
 
 def _reply(outcome: Outcome, addr: str) -> str:
     code, reply = outcome.replies.get(addr, (None, None))
     return f"{code} {reply}" if code is not None else (reply or outcome.summary)
-

@@ -20,7 +20,7 @@ PHASES = ("connect", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot")
 
 
 class Verdict(StrEnum):
-    ACCEPTED = "accepted"    # 250 after the final dot
+    ACCEPTED = "accepted"  # 250 after the final dot
     TRANSIENT = "transient"  # try again later
     PERMANENT = "permanent"  # refused for good
     AMBIGUOUS = "ambiguous"  # lost after the final dot: the server may have it
@@ -46,10 +46,10 @@ def classify(phase: str, code: int | None) -> Verdict:
 
 @dataclass(frozen=True)
 class Decision:
-    status: str                  # next message status
+    status: str  # next message status
     next_attempt_at: datetime | None
-    recipients: dict[str, str]   # addr -> recipient status for this attempt
-    failure: bool                # a failure to show (first_failed_at, last_error)
+    recipients: dict[str, str]  # addr -> recipient status for this attempt
+    failure: bool  # a failure to show (first_failed_at, last_error)
 
 
 RECIPIENT_STATUS = {
@@ -62,8 +62,7 @@ RECIPIENT_STATUS = {
 
 def backoff_seconds(attempts: int, settings: Settings, rng: random.Random | None = None) -> float:
     """Exponential backoff with equal jitter: half the step fixed, half random."""
-    step = min(settings.retry_max_seconds,
-               settings.retry_base_seconds * (2 ** max(0, attempts - 1)))
+    step = min(settings.retry_max_seconds, settings.retry_base_seconds * (2 ** max(0, attempts - 1)))
     r = (rng or random).random()
     return step / 2 + step / 2 * r
 

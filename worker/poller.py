@@ -7,6 +7,7 @@ Redis lost its keys) and held rows whose connector is enabled again.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -31,8 +32,13 @@ log = logs.get("outbox.poller")
 CHANNEL = "outbox_message"
 
 # Postgres down, Redis down: back off and carry on.
-INFRA_ERRORS = (psycopg.OperationalError, dramatiq.errors.BrokerConnectionError,
-                redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError)
+INFRA_ERRORS = (
+    psycopg.OperationalError,
+    dramatiq.errors.BrokerConnectionError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+)
 
 
 class _stop_on_event(stop_base):
@@ -45,7 +51,7 @@ class _stop_on_event(stop_base):
 
 def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @dataclass
@@ -82,8 +88,12 @@ class Poller:
             metrics.LEASES_EXPIRED.labels("dispatched").inc(reaped["dispatched"])
             metrics.LEASES_EXPIRED.labels("sending").inc(reaped["sending"])
             if cycle.expired:
-                log.warning("leases expired", dispatched=reaped["dispatched"],
-                            sending=reaped["sending"], failed=reaped["failed"])
+                log.warning(
+                    "leases expired",
+                    dispatched=reaped["dispatched"],
+                    sending=reaped["sending"],
+                    failed=reaped["failed"],
+                )
         cycle.released = conn.execute(Q["release_held"]).rowcount
         while True:
             n = self._dispatch(conn, settings)
@@ -94,9 +104,13 @@ class Poller:
     def _dispatch(self, conn: psycopg.Connection[Any], settings: Settings) -> int:
         """Claim one batch and enqueue it; the claim commits only once Redis has it all."""
         with conn.transaction():
-            rows = conn.execute(Q["claim_due"], {
-                "limit": self.config.claim_batch, "lease_seconds": settings.lease_seconds,
-            }).fetchall()
+            rows = conn.execute(
+                Q["claim_due"],
+                {
+                    "limit": self.config.claim_batch,
+                    "lease_seconds": settings.lease_seconds,
+                },
+            ).fetchall()
             for chunk in chunks([list(r) for r in rows], self.config.dispatch_batch):
                 self.actor.send(chunk)
         metrics.DISPATCHED.inc(len(rows))
@@ -137,7 +151,8 @@ class Poller:
             reraise=True,
             before_sleep=lambda rs: log.warning(
                 "poller cannot reach Postgres or Redis; retrying",
-                error=str(rs.outcome.exception()) if rs.outcome else None),
+                error=str(rs.outcome.exception()) if rs.outcome else None,
+            ),
         )
         try:
             while not stop.is_set():
@@ -177,9 +192,6 @@ class Poller:
     def close(self) -> None:
         for conn in (self._conn, self._listen):
             if conn is not None and not conn.closed:
-                try:
+                with contextlib.suppress(Exception):
                     conn.close()
-                except Exception:
-                    pass
         self._conn = self._listen = None
-

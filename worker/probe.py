@@ -36,13 +36,23 @@ async def _probe(connector: Connector, *, timeout: float, local_hostname: str) -
     try:
         client = await pool.open(on_phase)
     except Exception as exc:
-        steps.append({"step": current[-1] if current else "connect", "ok": False,
-                      "detail": f"{type(exc).__name__}: {exc}"})
+        steps.append(
+            {
+                "step": current[-1] if current else "connect",
+                "ok": False,
+                "detail": f"{type(exc).__name__}: {exc}",
+            }
+        )
         return {"connector": connector.name, "ok": False, "security": mode, "steps": steps}
     on_phase("quit")
     tls = client.get_transport_info("sslcontext") is not None
-    steps.append({"step": "tls", "ok": tls or mode in ("none", "opportunistic"),
-                  "detail": "session encrypted" if tls else "session NOT encrypted"})
+    steps.append(
+        {
+            "step": "tls",
+            "ok": tls or mode in ("none", "opportunistic"),
+            "detail": "session encrypted" if tls else "session NOT encrypted",
+        }
+    )
     try:
         await client.quit()
     except Exception:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+
 import dramatiq
 
 from outbox import logs
@@ -41,8 +42,12 @@ class WorkerProcess:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.broker, self.actor, _ = make_broker(config)
-        self.worker = dramatiq.Worker(self.broker, queues={config.queue},
-                                      worker_threads=config.worker_threads, worker_timeout=100)
+        self.worker = dramatiq.Worker(
+            self.broker,
+            queues={config.queue},
+            worker_threads=config.worker_threads,
+            worker_timeout=100,
+        )
 
     def start(self) -> None:
         self.worker.start()
@@ -103,8 +108,12 @@ def run_all(config: Config, stop: threading.Event, *, until_idle: bool = False) 
     worker = WorkerProcess(config)
     worker.start()
     poller_thread = threading.Thread(
-        target=run_poller, args=(config, stop), kwargs={"until_idle": until_idle},
-        name="outbox-poller", daemon=True)
+        target=run_poller,
+        args=(config, stop),
+        kwargs={"until_idle": until_idle},
+        name="outbox-poller",
+        daemon=True,
+    )
     poller_thread.start()
     try:
         while poller_thread.is_alive() and not stop.is_set():

@@ -8,6 +8,7 @@ sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
@@ -58,10 +59,8 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
 def _encode_address(addr: str) -> tuple[str, bool]:
     """Envelope form: IDN domain as punycode. Returns (address, needs SMTPUTF8)."""
     local, _, domain = addr.rpartition("@")
-    try:
+    with contextlib.suppress(UnicodeError):
         domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        pass
     address = f"{local}@{domain}"
     return address, not address.isascii()
 
@@ -102,8 +101,12 @@ class ConnectorPool:
         mode = effective_security(c)
         password = password_for(c) if c.has_credentials else None
         client = SMTP(
-            hostname=c.host, port=c.port, use_tls=mode == "tls", start_tls=False,
-            tls_context=self._tls() if mode == "tls" else None, timeout=self.timeout,
+            hostname=c.host,
+            port=c.port,
+            use_tls=mode == "tls",
+            start_tls=False,
+            tls_context=self._tls() if mode == "tls" else None,
+            timeout=self.timeout,
             local_hostname=self.local_hostname,
         )
         on_phase("connect")
@@ -131,8 +134,13 @@ class ConnectorPool:
             await client.login(c.username, password)
         return client
 
-    async def send(self, sender: str, recipients: Sequence[str], content: bytes,
-                   on_phase: Callable[[str], None] = lambda p: None) -> Outcome:
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        on_phase: Callable[[str], None] = lambda p: None,
+    ) -> Outcome:
         """Send one message to `recipients`; never raises for SMTP or network trouble."""
         started = time.monotonic()
         outcome = Outcome()
@@ -177,9 +185,15 @@ class ConnectorPool:
                 outcome.verdicts[r] = verdict
                 outcome.replies[r] = (outcome.code, outcome.reply)
 
-    async def _transaction(self, client: SMTP, sender: str, recipients: Sequence[str],
-                           content: bytes, outcome: Outcome,
-                           phase: Callable[[str], None]) -> None:
+    async def _transaction(
+        self,
+        client: SMTP,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        outcome: Outcome,
+        phase: Callable[[str], None],
+    ) -> None:
         envelope_from, utf8 = _encode_address(sender)
         rcpts = [_encode_address(r) for r in recipients]
         if utf8 or any(u for _, u in rcpts):
@@ -252,8 +266,7 @@ class Transport:
         if current is None or current.connector != connector or current.timeout != timeout:
             if current is not None:
                 self._retired.add(asyncio.ensure_future(current.aclose()))
-            current = ConnectorPool(connector, local_hostname=self.local_hostname,
-                                    timeout=timeout)
+            current = ConnectorPool(connector, local_hostname=self.local_hostname, timeout=timeout)
             self._pools[connector.id] = current
         return current
 

@@ -12,8 +12,14 @@ from cryptography.fernet import Fernet
 
 
 def outbox(env, *args, input=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "outbox.cli", *args], env=env, input=input,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "outbox.cli", *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"outbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return proc
@@ -37,20 +43,52 @@ def test_db_init_is_idempotent(cli_env):
 
 
 def test_send_prints_only_the_id(cli_env, db):
-    out = outbox(cli_env, "send", "--from", "a@example.com", "--to", "b@example.org", "--to",
-                 "c@example.org", "--cc", "d@example.org", "--subject", "Hi", "--text", "body").stdout
+    out = outbox(
+        cli_env,
+        "send",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--to",
+        "c@example.org",
+        "--cc",
+        "d@example.org",
+        "--subject",
+        "Hi",
+        "--text",
+        "body",
+    ).stdout
     msg_id = int(out.strip())
     assert out == f"{msg_id}\n"
-    row = db.execute("SELECT to_addrs, cc_addrs, status FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
+    row = db.execute(
+        "SELECT to_addrs, cc_addrs, status FROM outbox.message WHERE id = %s", [msg_id]
+    ).fetchone()
     assert row == (["b@example.org", "c@example.org"], ["d@example.org"], "queued")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--from", "not-an-address", "--to", "b@example.org"], "from: invalid address"),
-    (["--from", "a@example.com", "--to", "b@example.org", "--header", "Bcc: x@evil.example"], "header 'Bcc' is not allowed"),
-    (["--from", "a@example.com", "--to", "b@example.org", "--send-at", "2030-01-01T10:00:00"], "needs a time zone"),
-    (["--from", "a@example.com"], "at least one recipient"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--from", "not-an-address", "--to", "b@example.org"], "from: invalid address"),
+        (
+            ["--from", "a@example.com", "--to", "b@example.org", "--header", "Bcc: x@evil.example"],
+            "header 'Bcc' is not allowed",
+        ),
+        (
+            [
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.org",
+                "--send-at",
+                "2030-01-01T10:00:00",
+            ],
+            "needs a time zone",
+        ),
+        (["--from", "a@example.com"], "at least one recipient"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(cli_env, db, args, message):
     proc = outbox(cli_env, "send", *args, "--subject", "s", "--text", "t", check=False)
     assert message in one_line_error(proc)
@@ -58,23 +96,56 @@ def test_bad_input_is_one_line_and_writes_nothing(cli_env, db, args, message):
 
 
 def test_subject_with_line_break_is_refused(cli_env, db):
-    proc = outbox(cli_env, "send", "--from", "a@example.com", "--to", "b@example.org",
-                  "--subject", "hi\r\nBcc: victim@example.org", "--text", "t", check=False)
+    proc = outbox(
+        cli_env,
+        "send",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--subject",
+        "hi\r\nBcc: victim@example.org",
+        "--text",
+        "t",
+        check=False,
+    )
     assert "subject must be a single line" in one_line_error(proc)
     assert count(db) == 0
 
 
 def test_size_limit_is_checked_at_enqueue(cli_env, db):
     outbox(cli_env, "settings", "set", "max-message-bytes", "2048")
-    proc = outbox(cli_env, "send", "--from", "a@example.com", "--to", "b@example.org",
-                  "--subject", "big", "--text", "x" * 5000, check=False)
+    proc = outbox(
+        cli_env,
+        "send",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--subject",
+        "big",
+        "--text",
+        "x" * 5000,
+        check=False,
+    )
     assert "over the maximum email size of 2048 bytes" in one_line_error(proc)
     assert count(db) == 0
 
 
 def test_idempotency_key_inserts_once(cli_env, db):
-    args = ["send", "--from", "a@example.com", "--to", "b@example.org", "--subject", "s",
-            "--text", "t", "--idempotency-key", "order-1001-confirmation"]
+    args = [
+        "send",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--subject",
+        "s",
+        "--text",
+        "t",
+        "--idempotency-key",
+        "order-1001-confirmation",
+    ]
     first, second = outbox(cli_env, *args).stdout, outbox(cli_env, *args).stdout
     assert first == second and count(db) == 1
 
@@ -85,22 +156,61 @@ def test_settings_set_and_show(cli_env):
     shown = json.loads(outbox(cli_env, "settings", "show", "--json").stdout)
     assert shown["retry-base-seconds"] == 1
     assert shown["additional-bcc"] == ["archive@example.com", "audit@example.com"]
-    assert {"unmonitored-address", "retry-max-seconds", "max-attempts", "lease-seconds",
-            "max-message-bytes", "override-to", "override-cc", "override-bcc"} <= set(shown)
+    assert {
+        "unmonitored-address",
+        "retry-max-seconds",
+        "max-attempts",
+        "lease-seconds",
+        "max-message-bytes",
+        "override-to",
+        "override-cc",
+        "override-bcc",
+    } <= set(shown)
     assert "max-attempts: Input should be less than or equal to 10" in one_line_error(
-        outbox(cli_env, "settings", "set", "max-attempts", "11", check=False))
+        outbox(cli_env, "settings", "set", "max-attempts", "11", check=False)
+    )
     assert "retry-max-seconds must not be below" in one_line_error(
-        outbox(cli_env, "settings", "set", "retry-max-seconds", "0.5", check=False))
+        outbox(cli_env, "settings", "set", "retry-max-seconds", "0.5", check=False)
+    )
     unknown = outbox(cli_env, "settings", "set", "colour", "blue", check=False)
     assert "Invalid value for 'KEY'" in one_line_error(unknown, code=2)
 
 
 def test_connector_list_never_shows_a_password(cli_env, monkeypatch):
-    outbox(cli_env, "connector", "add", "relay", "--address", "relay@example.com", "--host", "localhost",
-           "--port", "587", "--username", "u", "--password-env", "RELAY_PW", "--default-gateway")
+    outbox(
+        cli_env,
+        "connector",
+        "add",
+        "relay",
+        "--address",
+        "relay@example.com",
+        "--host",
+        "localhost",
+        "--port",
+        "587",
+        "--username",
+        "u",
+        "--password-env",
+        "RELAY_PW",
+        "--default-gateway",
+    )
     env = dict(cli_env, OUTBOX_SECRET_KEY=Fernet.generate_key().decode())
-    outbox(env, "connector", "add", "sales", "--address", "sales@example.com", "--host", "localhost",
-           "--port", "465", "--username", "s", "--password-stdin", input="hunter2-secret\n")
+    outbox(
+        env,
+        "connector",
+        "add",
+        "sales",
+        "--address",
+        "sales@example.com",
+        "--host",
+        "localhost",
+        "--port",
+        "465",
+        "--username",
+        "s",
+        "--password-stdin",
+        input="hunter2-secret\n",
+    )
     listed = outbox(cli_env, "connector", "list", "--json").stdout
     assert "hunter2-secret" not in listed
     rows = {c["name"]: c for c in json.loads(listed)}
@@ -112,16 +222,47 @@ def test_connector_list_never_shows_a_password(cli_env, monkeypatch):
 
 
 def test_password_stdin_needs_a_secret_key(cli_env, db):
-    proc = outbox(cli_env, "connector", "add", "x", "--address", "x@example.com", "--host", "h",
-                  "--port", "587", "--username", "u", "--password-stdin", input="pw\n", check=False)
+    proc = outbox(
+        cli_env,
+        "connector",
+        "add",
+        "x",
+        "--address",
+        "x@example.com",
+        "--host",
+        "h",
+        "--port",
+        "587",
+        "--username",
+        "u",
+        "--password-stdin",
+        input="pw\n",
+        check=False,
+    )
     assert "OUTBOX_SECRET_KEY is not set" in one_line_error(proc)
     assert db.execute("SELECT count(*) FROM outbox.connector").fetchone()[0] == 0
 
 
 def test_connector_test_reports_each_step(cli_env, smtp_factory, ca_file):
     server = smtp_factory("starttls", username="u", password="right")
-    outbox(cli_env, "connector", "add", "good", "--address", "good@example.com", "--host", "localhost",
-           "--port", str(server.port), "--username", "u", "--password-env", "PW", "--ca-file", ca_file)
+    outbox(
+        cli_env,
+        "connector",
+        "add",
+        "good",
+        "--address",
+        "good@example.com",
+        "--host",
+        "localhost",
+        "--port",
+        str(server.port),
+        "--username",
+        "u",
+        "--password-env",
+        "PW",
+        "--ca-file",
+        ca_file,
+    )
     ok = outbox(dict(cli_env, PW="right"), "connector", "test", "good", "--json")
     steps = json.loads(ok.stdout)["steps"]
     assert [s["step"] for s in steps] == ["connect", "ehlo", "starttls", "ehlo", "auth", "tls"]
@@ -133,10 +274,34 @@ def test_connector_test_reports_each_step(cli_env, smtp_factory, ca_file):
 
 
 def test_run_until_idle_delivers_and_status_shows_it(cli_env, smtp, db):
-    outbox(cli_env, "connector", "add", "gw", "--address", "gw@example.com", "--host", "localhost",
-           "--port", str(smtp.port), "--default-gateway")
-    ids = [outbox(cli_env, "send", "--from", "a@example.com", "--to", f"r{i}@example.org",
-                  "--subject", f"n{i}", "--text", "t").stdout.strip() for i in range(3)]
+    outbox(
+        cli_env,
+        "connector",
+        "add",
+        "gw",
+        "--address",
+        "gw@example.com",
+        "--host",
+        "localhost",
+        "--port",
+        str(smtp.port),
+        "--default-gateway",
+    )
+    ids = [
+        outbox(
+            cli_env,
+            "send",
+            "--from",
+            "a@example.com",
+            "--to",
+            f"r{i}@example.org",
+            "--subject",
+            f"n{i}",
+            "--text",
+            "t",
+        ).stdout.strip()
+        for i in range(3)
+    ]
     outbox(cli_env, "run", "--until-idle", "--threads", "2")
     assert sorted(r.message["Subject"] for r in smtp.recorder.wait_for(3)) == ["n0", "n1", "n2"]
     status = json.loads(outbox(cli_env, "status", "--json").stdout)
@@ -170,5 +335,10 @@ def test_missing_schema_says_run_db_init(cli_env, database_url, db):
 
 def test_help_shows_env_vars(cli_env):
     text = outbox(cli_env, "run", "--help").stdout
-    for var in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_METRICS_PORT", "OUTBOX_WORKER_THREADS"):
+    for var in (
+        "OUTBOX_DATABASE_URL",
+        "OUTBOX_REDIS_URL",
+        "OUTBOX_METRICS_PORT",
+        "OUTBOX_WORKER_THREADS",
+    ):
         assert var in text

@@ -48,7 +48,12 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
         env["HOME"] = os.environ["HOME"]
     return subprocess.run(
         [_docker_compose(), "-f", str(COMPOSE_FILE), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -67,18 +72,29 @@ def _yaml_to_data(text: str) -> Any:
     with open(exe, "rb") as f:
         first = f.readline().decode("utf-8", "replace").strip()
     if not first.startswith("#!"):
-        pytest.fail(f"cannot parse `docker-compose config` output: PyYAML is not installed and "
-                    f"{exe} is not a Python script (install Debian's docker-compose package)",
-                    pytrace=False)
+        pytest.fail(
+            f"cannot parse `docker-compose config` output: PyYAML is not installed and "
+            f"{exe} is not a Python script (install Debian's docker-compose package)",
+            pytrace=False,
+        )
     interpreter = shlex.split(first[2:])
     proc = subprocess.run(
-        [*interpreter, "-c",
-         "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"],
-        input=text, capture_output=True, text=True, timeout=60, check=False,
+        [
+            *interpreter,
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     if proc.returncode != 0:
-        pytest.fail(f"cannot parse `docker-compose config` output with {interpreter}: "
-                    f"{proc.stderr.strip()}", pytrace=False)
+        pytest.fail(
+            f"cannot parse `docker-compose config` output with {interpreter}: {proc.stderr.strip()}",
+            pytrace=False,
+        )
     return json.loads(proc.stdout)
 
 

@@ -14,14 +14,19 @@ from outbox.errors import ConfigurationError, ValidationError
 
 def add(db, server, name, address, **kw):
     kw.setdefault("direction", "outgoing")
-    connectors.add(db, NewConnector(name=name, address=address, host="localhost",
-                                    port=server.port if server else 2525, **kw))
+    connectors.add(
+        db,
+        NewConnector(
+            name=name, address=address, host="localhost", port=server.port if server else 2525, **kw
+        ),
+    )
 
 
 def send(db, from_addr, to="rcpt@example.org", **kw):
     with db.transaction():
-        return outbox.enqueue(db, from_addr=from_addr, to=[to], subject=f"from {from_addr}",
-                              text="hello", **kw)
+        return outbox.enqueue(
+            db, from_addr=from_addr, to=[to], subject=f"from {from_addr}", text="hello", **kw
+        )
 
 
 def last_error(db, msg_id):
@@ -29,9 +34,20 @@ def last_error(db, msg_id):
 
 
 def test_from_address_picks_connector_alias_or_gateway(db, smtp_factory, pipeline):
-    sales, support, relay = smtp_factory(name="sales"), smtp_factory(name="support"), smtp_factory(name="relay")
+    sales, support, relay = (
+        smtp_factory(name="sales"),
+        smtp_factory(name="support"),
+        smtp_factory(name="relay"),
+    )
     add(db, sales, "sales", "sales@example.com")
-    add(db, support, "support", "support@example.com", aliases=("Help@Example.com",), direction="both")
+    add(
+        db,
+        support,
+        "support",
+        "support@example.com",
+        aliases=("Help@Example.com",),
+        direction="both",
+    )
     add(db, relay, "gateway", "gateway@example.com", default_gateway=True)
     ids = {
         "sales": send(db, "SALES@example.com"),
@@ -43,8 +59,11 @@ def test_from_address_picks_connector_alias_or_gateway(db, smtp_factory, pipelin
     assert [r.mail_from for r in sales.recorder.received] == ["SALES@example.com"]
     assert [r.mail_from for r in support.recorder.received] == ["help@example.com"]
     assert [r.mail_from for r in relay.recorder.received] == ["noreply@example.com"]
-    used = dict(db.execute("SELECT m.id, c.name FROM outbox.message m JOIN outbox.connector c "
-                           "ON c.id = m.connector_id").fetchall())
+    used = dict(
+        db.execute(
+            "SELECT m.id, c.name FROM outbox.message m JOIN outbox.connector c ON c.id = m.connector_id"
+        ).fetchall()
+    )
     assert used == {ids["sales"]: "sales", ids["alias"]: "support", ids["other"]: "gateway"}
 
 
@@ -95,8 +114,16 @@ def test_disabled_gateway_without_match_fails(db, smtp_factory, pipeline):
 def test_starttls_with_auth_uses_env_password(db, smtp_factory, pipeline, ca_file, monkeypatch):
     server = smtp_factory("starttls", username="relay-user", password="s3cret-pw")
     monkeypatch.setenv("RELAY_PASSWORD", "s3cret-pw")
-    add(db, server, "gateway", "gateway@example.com", default_gateway=True, username="relay-user",
-        password_env="RELAY_PASSWORD", ca_file=ca_file)
+    add(
+        db,
+        server,
+        "gateway",
+        "gateway@example.com",
+        default_gateway=True,
+        username="relay-user",
+        password_env="RELAY_PASSWORD",
+        ca_file=ca_file,
+    )
     msg_id = send(db, "app@example.com")
     pipeline.until_status(msg_id, "sent")
     assert server.authenticator.logins == ["relay-user"]
@@ -105,7 +132,15 @@ def test_starttls_with_auth_uses_env_password(db, smtp_factory, pipeline, ca_fil
 
 def test_implicit_tls(db, smtp_factory, pipeline, ca_file):
     server = smtp_factory("tls")
-    add(db, server, "gateway", "gateway@example.com", default_gateway=True, security="tls", ca_file=ca_file)
+    add(
+        db,
+        server,
+        "gateway",
+        "gateway@example.com",
+        default_gateway=True,
+        security="tls",
+        ca_file=ca_file,
+    )
     msg_id = send(db, "app@example.com")
     pipeline.until_status(msg_id, "sent")
     assert len(server.recorder.received) == 1
@@ -114,8 +149,17 @@ def test_implicit_tls(db, smtp_factory, pipeline, ca_file):
 def test_implicit_tls_with_auth_and_encrypted_password(db, smtp_factory, pipeline, ca_file, monkeypatch):
     monkeypatch.setenv("OUTBOX_SECRET_KEY", Fernet.generate_key().decode())
     server = smtp_factory("tls", username="u", password="from-stdin")
-    add(db, server, "gateway", "gateway@example.com", default_gateway=True, security="tls",
-        ca_file=ca_file, username="u", password="from-stdin")
+    add(
+        db,
+        server,
+        "gateway",
+        "gateway@example.com",
+        default_gateway=True,
+        security="tls",
+        ca_file=ca_file,
+        username="u",
+        password="from-stdin",
+    )
     stored = db.execute("SELECT password_enc FROM outbox.connector").fetchone()[0]
     assert b"from-stdin" not in bytes(stored)
     msg_id = send(db, "app@example.com")
@@ -126,8 +170,16 @@ def test_implicit_tls_with_auth_and_encrypted_password(db, smtp_factory, pipelin
 def test_both_connector_sends_with_its_incoming_credentials(db, smtp_factory, pipeline, ca_file, monkeypatch):
     server = smtp_factory("starttls", username="cases@example.com", password="imap-pw")
     monkeypatch.setenv("CASES_PW", "imap-pw")
-    add(db, server, "cases", "cases@example.com", direction="both", username="cases@example.com",
-        password_env="CASES_PW", ca_file=ca_file)
+    add(
+        db,
+        server,
+        "cases",
+        "cases@example.com",
+        direction="both",
+        username="cases@example.com",
+        password_env="CASES_PW",
+        ca_file=ca_file,
+    )
     msg_id = send(db, "cases@example.com")
     pipeline.until_status(msg_id, "sent")
     assert server.authenticator.logins == ["cases@example.com"]
@@ -146,8 +198,15 @@ def test_auth_never_sent_without_tls(db, smtp_factory, pipeline, monkeypatch):
     # the server stops offering STARTTLS (downgrade): the send fails loudly, no plaintext login
     server = smtp_factory("plain")
     monkeypatch.setenv("PW", "secret")
-    add(db, server, "gateway", "gateway@example.com", default_gateway=True, username="u",
-        password_env="PW")
+    add(
+        db,
+        server,
+        "gateway",
+        "gateway@example.com",
+        default_gateway=True,
+        username="u",
+        password_env="PW",
+    )
     msg_id = send(db, "app@example.com")
     pipeline.until_status(msg_id, "retry")
     assert "does not offer STARTTLS" in last_error(db, msg_id)
@@ -157,8 +216,16 @@ def test_auth_never_sent_without_tls(db, smtp_factory, pipeline, monkeypatch):
 def test_wrong_password_is_retried_with_the_reply(db, smtp_factory, pipeline, ca_file, monkeypatch):
     server = smtp_factory("starttls", username="u", password="right")
     monkeypatch.setenv("PW", "wrong")
-    add(db, server, "gateway", "gateway@example.com", default_gateway=True, username="u",
-        password_env="PW", ca_file=ca_file)
+    add(
+        db,
+        server,
+        "gateway",
+        "gateway@example.com",
+        default_gateway=True,
+        username="u",
+        password_env="PW",
+        ca_file=ca_file,
+    )
     msg_id = send(db, "app@example.com")
     pipeline.until_status(msg_id, "retry")
     row = db.execute("SELECT last_smtp_code, phase FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
@@ -167,14 +234,22 @@ def test_wrong_password_is_retried_with_the_reply(db, smtp_factory, pipeline, ca
 
 def test_missing_password_env_is_reported(db, smtp, pipeline, monkeypatch):
     monkeypatch.delenv("NOPE", raising=False)
-    add(db, smtp, "gateway", "gateway@example.com", default_gateway=True, username="u",
-        password_env="NOPE")
+    add(
+        db,
+        smtp,
+        "gateway",
+        "gateway@example.com",
+        default_gateway=True,
+        username="u",
+        password_env="NOPE",
+    )
     msg_id = send(db, "app@example.com")
     pipeline.until_status(msg_id, "retry")
     assert "environment variable NOPE is not set" in last_error(db, msg_id)
 
 
 # -- configuration refused at once --------------------------------------------------------------
+
 
 def test_credentials_with_security_none_are_refused(db):
     with pytest.raises(ValidationError, match="AUTH is only ever sent over TLS"):
@@ -184,7 +259,7 @@ def test_credentials_with_security_none_are_refused(db):
 
 def test_address_claimed_twice_is_refused(db):
     add(db, None, "a", "a@example.com", aliases=("shared@example.com",))
-    with pytest.raises(ValidationError, match="shared@example.com already belongs"):
+    with pytest.raises(ValidationError, match=r"shared@example\.com already belongs"):
         add(db, None, "b", "shared@EXAMPLE.com")
 
 
@@ -196,8 +271,17 @@ def test_only_one_default_gateway(db):
 
 def test_port_465_requires_tls(db):
     with pytest.raises(ValidationError, match="465 is implicit TLS"):
-        connectors.add(db, NewConnector(name="x", direction="outgoing", address="x@example.com",
-                                        host="localhost", port=465, security="starttls"))
+        connectors.add(
+            db,
+            NewConnector(
+                name="x",
+                direction="outgoing",
+                address="x@example.com",
+                host="localhost",
+                port=465,
+                security="starttls",
+            ),
+        )
 
 
 def test_disabling_gateway_needs_unmonitored_address_on_enabled_connector(db):

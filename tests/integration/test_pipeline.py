@@ -14,16 +14,32 @@ from tests.conftest import wait_until
 
 
 def gateway(db, server, name="gw", **kw):
-    connectors.add(db, NewConnector(name=name, direction="outgoing", address=f"{name}@relay.example",
-                                    host="localhost", port=server.port, default_gateway=True, **kw))
+    connectors.add(
+        db,
+        NewConnector(
+            name=name,
+            direction="outgoing",
+            address=f"{name}@relay.example",
+            host="localhost",
+            port=server.port,
+            default_gateway=True,
+            **kw,
+        ),
+    )
 
 
 def test_enqueued_message_arrives_and_is_marked_sent(db, smtp, pipeline):
     gateway(db, smtp)
     with db.transaction():
-        msg_id = outbox.enqueue(db, from_addr="sales@example.com", to=["ann@example.org"],
-                                cc=["cc@example.org"], bcc=["hidden@example.org"],
-                                subject="Your order", text="Thanks!")
+        msg_id = outbox.enqueue(
+            db,
+            from_addr="sales@example.com",
+            to=["ann@example.org"],
+            cc=["cc@example.org"],
+            bcc=["hidden@example.org"],
+            subject="Your order",
+            text="Thanks!",
+        )
     assert pipeline.until_status(msg_id, "sent") == "sent"
     [got] = smtp.recorder.wait_for(1)
     assert got.mail_from == "sales@example.com"
@@ -31,20 +47,28 @@ def test_enqueued_message_arrives_and_is_marked_sent(db, smtp, pipeline):
     assert got.message["Subject"] == "Your order"
     assert got.message["Bcc"] is None
     assert b"hidden@example.org" not in got.content
-    row = db.execute("SELECT message_id, attempts, sent_at, last_error FROM outbox.message WHERE id = %s",
-                     [msg_id]).fetchone()
+    row = db.execute(
+        "SELECT message_id, attempts, sent_at, last_error FROM outbox.message WHERE id = %s",
+        [msg_id],
+    ).fetchone()
     assert got.message_id == row[0]
     assert row[1] == 1 and row[2] is not None and row[3] is None
-    results = dict(db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s",
-                              [msg_id]).fetchall())
-    assert results == {"ann@example.org": "sent", "cc@example.org": "sent", "hidden@example.org": "sent"}
+    results = dict(
+        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg_id]).fetchall()
+    )
+    assert results == {
+        "ann@example.org": "sent",
+        "cc@example.org": "sent",
+        "hidden@example.org": "sent",
+    }
 
 
 def test_plain_sql_insert_is_delivered(db, smtp, pipeline):
     gateway(db, smtp)
     msg_id = db.execute(
         "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body) "
-        "VALUES ('app@example.com', '{bob@example.org}', 'from SQL', 'hi') RETURNING id").fetchone()[0]
+        "VALUES ('app@example.com', '{bob@example.org}', 'from SQL', 'hi') RETURNING id"
+    ).fetchone()[0]
     pipeline.until_status(msg_id, "sent")
     [got] = smtp.recorder.wait_for(1)
     assert got.rcpt_tos == ["bob@example.org"]
@@ -69,8 +93,14 @@ def test_scheduled_message_waits_until_due(db, smtp, pipeline):
     gateway(db, smtp)
     later = datetime.now(UTC) + timedelta(seconds=2)
     with db.transaction():
-        msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="later",
-                                text="t", send_after=later)
+        msg_id = outbox.enqueue(
+            db,
+            from_addr="a@example.com",
+            to=["x@example.org"],
+            subject="later",
+            text="t",
+            send_after=later,
+        )
         now_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="now", text="t")
     pipeline.until_status(now_id, "sent")
     assert pipeline.status(msg_id) == "queued"
@@ -87,13 +117,17 @@ def test_transient_reply_retries_then_succeeds(db, smtp, pipeline):
     with db.transaction():
         msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t")
     pipeline.until_status(msg_id, "retry", "sent")
-    row = db.execute("SELECT status, last_error, last_smtp_code, next_attempt_at > now() "
-                     "FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
+    row = db.execute(
+        "SELECT status, last_error, last_smtp_code, next_attempt_at > now() "
+        "FROM outbox.message WHERE id = %s",
+        [msg_id],
+    ).fetchone()
     assert row[0] == "retry" and row[2] == 451 and "451" in row[1]
     pipeline.until_status(msg_id, "sent")
-    [got] = smtp.recorder.wait_for(1)
-    outcomes = db.execute("SELECT outcome, smtp_code FROM outbox.attempt WHERE message_id = %s ORDER BY id",
-                          [msg_id]).fetchall()
+    [_got] = smtp.recorder.wait_for(1)
+    outcomes = db.execute(
+        "SELECT outcome, smtp_code FROM outbox.attempt WHERE message_id = %s ORDER BY id", [msg_id]
+    ).fetchall()
     assert outcomes == [("retry", 451), ("sent", 250)]
     assert db.execute("SELECT attempts FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0] == 2
 
@@ -104,15 +138,20 @@ def test_permanent_reply_fails_at_once(db, smtp, pipeline):
     with db.transaction():
         msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t")
     pipeline.until_status(msg_id, "failed")
-    row = db.execute("SELECT attempts, last_error, last_smtp_code, first_failed_at IS NOT NULL "
-                     "FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
+    row = db.execute(
+        "SELECT attempts, last_error, last_smtp_code, first_failed_at IS NOT NULL "
+        "FROM outbox.message WHERE id = %s",
+        [msg_id],
+    ).fetchone()
     assert row[0] == 1 and row[2] == 554 and "spam" in row[1] and row[3]
     assert smtp.recorder.received == []
 
 
 def test_retries_exhausted_end_in_failed(db, smtp, pipeline):
     gateway(db, smtp)
-    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.05, retry_max_seconds = 0.1, max_attempts = 3")
+    db.execute(
+        "UPDATE outbox.settings SET retry_base_seconds = 0.05, retry_max_seconds = 0.1, max_attempts = 3"
+    )
     smtp.recorder.script_rcpt("x@example.org", "450 4.2.1 mailbox busy")
     with db.transaction():
         msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t")
@@ -217,12 +256,24 @@ def test_insert_wakes_the_poller_without_waiting_for_the_interval(db, smtp, conf
     thread = threading.Thread(target=run_poller, args=(slow, stop_event), daemon=True)
     thread.start()
     try:
-        wait_until(lambda: db.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN outbox_message'").fetchone()[0],
-                   what="the poller to LISTEN")
+        wait_until(
+            lambda: db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN outbox_message'"
+            ).fetchone()[0],
+            what="the poller to LISTEN",
+        )
         with db.transaction():
-            msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t")
-        wait_until(lambda: db.execute("SELECT status FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0] == "sent",
-                   timeout=20, what="NOTIFY to wake the poller")
+            msg_id = outbox.enqueue(
+                db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t"
+            )
+        wait_until(
+            lambda: (
+                db.execute("SELECT status FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0]
+                == "sent"
+            ),
+            timeout=20,
+            what="NOTIFY to wake the poller",
+        )
     finally:
         stop_event.set()
         thread.join(timeout=10)

@@ -24,14 +24,17 @@ def test_applying_twice_is_harmless(db):
     assert db.execute("SELECT retry_base_seconds FROM outbox.settings").fetchone()[0] == 5
 
 
-@pytest.mark.parametrize("column, value", [
-    ("subject", "hello\r\nBcc: victim@example.org"),
-    ("subject", "hello\nX-Evil: 1"),
-    ("from_addr", "a@example.com\r\nBcc: x@example.org"),
-])
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("subject", "hello\r\nBcc: victim@example.org"),
+        ("subject", "hello\nX-Evil: 1"),
+        ("from_addr", "a@example.com\r\nBcc: x@example.org"),
+    ],
+)
 def test_line_breaks_refused_in_sql(db, column, value):
     values = {"from_addr": "a@example.com", "subject": "s"} | {column: value}
-    with pytest.raises(psycopg.errors.CheckViolation, match="message_(headers_single_line|from_is_address)"):
+    with pytest.raises(psycopg.errors.CheckViolation, match=r"message_(headers_single_line|from_is_address)"):
         db.execute(MINIMAL, [values["from_addr"], ["b@example.org"], values["subject"], "t"])
 
 
@@ -42,22 +45,28 @@ def test_line_break_in_recipient_array_refused(db):
 
 def test_custom_header_names_checked_in_sql(db):
     with pytest.raises(psycopg.errors.CheckViolation, match="message_custom_headers_valid"):
-        db.execute("INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body, headers) "
-                   "VALUES ('a@example.com', '{b@example.org}', 's', 't', %s)",
-                   [psycopg.types.json.Jsonb({"X-Ok\r\nBcc": "x"})])
+        db.execute(
+            "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body, headers) "
+            "VALUES ('a@example.com', '{b@example.org}', 's', 't', %s)",
+            [psycopg.types.json.Jsonb({"X-Ok\r\nBcc": "x"})],
+        )
 
 
 def test_idempotency_key_unique_in_sql(db):
-    sql = ("INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body, idempotency_key) "
-           "VALUES ('a@example.com', '{b@example.org}', 's', 't', 'k1')")
+    sql = (
+        "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body, idempotency_key) "
+        "VALUES ('a@example.com', '{b@example.org}', 's', 't', 'k1')"
+    )
     db.execute(sql)
     with pytest.raises(psycopg.errors.UniqueViolation):
         db.execute(sql)
 
 
 def test_minimal_insert_gets_message_id_and_due_time(db):
-    row = db.execute(MINIMAL + " RETURNING message_id, status, next_attempt_at <= now()",
-                     ["Ann@Example.COM", ["b@example.org"], "s", "t"]).fetchone()
+    row = db.execute(
+        MINIMAL + " RETURNING message_id, status, next_attempt_at <= now()",
+        ["Ann@Example.COM", ["b@example.org"], "s", "t"],
+    ).fetchone()
     assert row[0].startswith("<") and row[0].endswith("@example.com>")
     assert row[1:] == ("queued", True)
 
@@ -70,18 +79,32 @@ def test_claim_uses_the_partial_index(db):
     db.execute("ANALYZE outbox.message")
     from outbox.sql import queries
 
-    plan = "\n".join(r[0] for r in db.execute(
-        "EXPLAIN " + queries("worker")["claim_due"], {"limit": 50, "lease_seconds": 60}))
+    plan = "\n".join(
+        r[0]
+        for r in db.execute("EXPLAIN " + queries("worker")["claim_due"], {"limit": 50, "lease_seconds": 60})
+    )
     assert "message_due_idx" in plan, plan
 
 
 def test_async_enqueue_writes_on_the_callers_transaction(database_url):
     async def scenario():
         async with await psycopg.AsyncConnection.connect(database_url) as conn:
-            msg_id = await outbox.enqueue_async(conn, from_addr="a@example.com", to=["b@example.org"],
-                                                subject="async", text="t", idempotency_key="k")
-            again = await outbox.enqueue_async(conn, from_addr="a@example.com", to=["b@example.org"],
-                                               subject="async", text="t", idempotency_key="k")
+            msg_id = await outbox.enqueue_async(
+                conn,
+                from_addr="a@example.com",
+                to=["b@example.org"],
+                subject="async",
+                text="t",
+                idempotency_key="k",
+            )
+            again = await outbox.enqueue_async(
+                conn,
+                from_addr="a@example.com",
+                to=["b@example.org"],
+                subject="async",
+                text="t",
+                idempotency_key="k",
+            )
             await conn.rollback()
             cur = await conn.execute("SELECT count(*) FROM outbox.message")
             return msg_id, again, (await cur.fetchone())[0]
@@ -94,15 +117,38 @@ def test_system_mail_without_from_uses_unmonitored_address(db):
     with pytest.raises(outbox.ValidationError, match="unmonitored-address"):
         outbox.enqueue(db, from_addr=None, system_generated=True, to=["b@example.org"], subject="s", text="t")
     db.execute("UPDATE outbox.settings SET unmonitored_address = 'noreply@example.com'")
-    msg_id = outbox.enqueue(db, from_addr=None, system_generated=True, to=["b@example.org"],
-                            subject="Reset your password", text="t")
-    assert db.execute("SELECT from_addr FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0] == \
-        "noreply@example.com"
+    msg_id = outbox.enqueue(
+        db,
+        from_addr=None,
+        system_generated=True,
+        to=["b@example.org"],
+        subject="Reset your password",
+        text="t",
+    )
+    assert (
+        db.execute("SELECT from_addr FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0]
+        == "noreply@example.com"
+    )
 
 
 def test_wheel_carries_schema_sql(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), "."], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     [wheel] = tmp_path.glob("outbox_worker-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "outbox/schema.sql" in names and "outbox/queries.sql" in names and "worker/queries.sql" in names
