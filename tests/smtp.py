@@ -49,6 +49,16 @@ class Recorder:
     data_replies: deque[str] = field(default_factory=deque)
     mail_replies: deque[str] = field(default_factory=deque)
     arrived: threading.Condition = field(default_factory=threading.Condition)
+    sessions: int = 0
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if not getattr(session, "counted", False):
+            session.counted = True
+            self.sessions += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -64,7 +74,9 @@ class Recorder:
     ) -> str:
         script = self.rcpt_replies.get(address.lower())
         if script:
-            return script.popleft() if len(script) > 1 else script[0]
+            reply = script.popleft() if len(script) > 1 else script[0]
+            if not reply.startswith("250"):
+                return reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

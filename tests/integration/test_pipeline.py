@@ -278,3 +278,85 @@ def test_insert_wakes_the_poller_without_waiting_for_the_interval(db, smtp, conf
         stop_event.set()
         thread.join(timeout=10)
         worker.stop(timeout_seconds=10)
+
+
+def test_worker_lost_while_sending_is_retried(db, smtp, pipeline):
+    gateway(db, smtp)
+    with db.transaction():
+        msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t")
+    # as a worker that died mid-send leaves it: sending, attempt counted, lease run out
+    db.execute(
+        "UPDATE outbox.message SET status = 'sending', attempts = 1, phase = 'rcpt', "
+        "lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        [msg_id],
+    )
+    pipeline.until_status(msg_id, "sent")
+    history = db.execute(
+        "SELECT attempt, outcome FROM outbox.attempt WHERE message_id = %s ORDER BY id", [msg_id]
+    ).fetchall()
+    assert history == [(1, "lease-expired"), (2, "sent")]
+    assert len(smtp.recorder.wait_for(1)) == 1
+
+
+def test_message_that_kills_its_worker_runs_out_of_attempts(db, smtp, pipeline):
+    gateway(db, smtp)
+    with db.transaction():
+        msg_id = outbox.enqueue(db, from_addr="a@example.com", to=["x@example.org"], subject="s", text="t")
+    db.execute(
+        "UPDATE outbox.message SET status = 'sending', attempts = 10, lease_token = gen_random_uuid(), "
+        "lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        [msg_id],
+    )
+    pipeline.until_status(msg_id, "failed")
+    assert (
+        "attempts exhausted"
+        in db.execute("SELECT last_error FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0]
+    )
+    assert smtp.recorder.received == []
+
+
+def test_mixed_recipient_replies_end_partial(db, smtp, pipeline):
+    gateway(db, smtp)
+    smtp.recorder.script_rcpt("gone@example.org", "550 5.1.1 no such user")
+    with db.transaction():
+        msg_id = outbox.enqueue(
+            db, from_addr="a@example.com", to=["ok@example.org", "gone@example.org"], subject="s", text="t"
+        )
+    pipeline.until_status(msg_id, "partial")
+    [got] = smtp.recorder.wait_for(1)
+    assert got.rcpt_tos == ["ok@example.org"]
+    results = dict(
+        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg_id]).fetchall()
+    )
+    assert results == {"ok@example.org": "sent", "gone@example.org": "failed"}
+    assert (
+        "gone@example.org: 550"
+        in db.execute("SELECT last_error FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0]
+    )
+
+
+def test_deferred_recipient_is_retried_alone(db, smtp, pipeline):
+    gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.1, retry_max_seconds = 0.2")
+    smtp.recorder.script_rcpt("busy@example.org", "452 4.2.2 mailbox full", "250 OK")
+    with db.transaction():
+        msg_id = outbox.enqueue(
+            db, from_addr="a@example.com", to=["ok@example.org", "busy@example.org"], subject="s", text="t"
+        )
+    pipeline.until_status(msg_id, "sent")
+    copies = smtp.recorder.wait_for(2)
+    assert [c.rcpt_tos for c in copies] == [["ok@example.org"], ["busy@example.org"]]
+    assert copies[0].message_id == copies[1].message_id
+
+
+def test_connections_are_pooled_per_connector(db, smtp, pipeline):
+    gateway(db, smtp, max_connections=2)
+    with db.transaction():
+        ids = [
+            outbox.enqueue(db, from_addr="a@example.com", to=[f"r{i}@example.org"], subject="s", text="t")
+            for i in range(30)
+        ]
+    for msg_id in ids:
+        pipeline.until_status(msg_id, "sent")
+    assert len(smtp.recorder.wait_for(30)) == 30
+    assert 1 <= smtp.recorder.sessions <= 2
