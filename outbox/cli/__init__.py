@@ -1,0 +1,41 @@
+"""The `outbox` command line. Errors are one line on stderr and a non-zero exit code.
+
+Commands live in one module per group; importing them registers them on `cli`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+import psycopg
+
+from outbox.cli import connector, read, run, schema, send, settings  # noqa: F401
+from outbox.cli.base import EXIT_ERROR, EXIT_UNAVAILABLE, cli
+from outbox.errors import OutboxError
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: one-line errors, no tracebacks for a user's mistake."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="outbox", standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", EXIT_ERROR)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except OutboxError as exc:
+        _fail(str(exc), EXIT_ERROR)
+    except psycopg.errors.UndefinedTable:
+        _fail("the outbox schema is missing: run `outbox db init`", EXIT_ERROR)
+    except psycopg.errors.IntegrityError as exc:
+        _fail(f"refused by the database: {exc.diag.message_primary}", EXIT_ERROR)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach the database: {str(exc).strip().splitlines()[0]}", EXIT_UNAVAILABLE)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"outbox: error: {message}", err=True)
+    sys.exit(code)

@@ -1,0 +1,82 @@
+"""Shared pieces of the CLI: the root group, common options, output helpers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import wraps
+from typing import Any
+
+import click
+import psycopg
+
+from outbox import logs
+from outbox.config import Config
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+
+
+def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--database-url",
+        envvar="OUTBOX_DATABASE_URL",
+        show_envvar=True,
+        default=Config.model_fields["database_url"].default,
+        show_default=True,
+        help="Postgres connection URL.",
+    )(f)
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def with_conn(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the command an open connection (`conn`) from --database-url; commit on success."""
+
+    @db_option
+    @wraps(f)
+    def wrapper(database_url: str, **kwargs: Any) -> Any:
+        with psycopg.connect(database_url) as conn:
+            return f(conn=conn, **kwargs)
+
+    return wrapper
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(render(data))
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned table for terminals."""
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="outbox-worker")
+@click.option(
+    "--log-level",
+    envvar="OUTBOX_LOG_LEVEL",
+    show_envvar=True,
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format",
+    envvar="OUTBOX_LOG_FORMAT",
+    show_envvar=True,
+    default="console",
+    show_default=True,
+    type=click.Choice(["console", "json"]),
+)
+def cli(log_level: str, log_format: str) -> None:
+    """outbox-worker: a durable Postgres outbox for outbound email."""
+    logs.configure(level=log_level, fmt=log_format)

@@ -1,0 +1,173 @@
+"""outbox connector ...."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import psycopg
+
+from outbox import connectors
+from outbox import settings as runtime_settings
+from outbox.cli.base import (
+    EXIT_ERROR,
+    cli,
+    emit,
+    json_option,
+    table,
+    with_conn,
+)
+from outbox.config import Config
+from outbox.errors import ValidationError
+
+# -- connectors ----------------------------------------------------------------------------
+
+
+@cli.group()
+def connector() -> None:
+    """SMTP connectors (Enate's Outgoing/Both connectors and the System Default Gateway)."""
+
+
+@connector.command("add")
+@click.argument("name")
+@click.option("--address", required=True, help="Primary address (From) of the connector.")
+@click.option("--alias", "aliases", multiple=True, help="More From addresses (routes); repeat.")
+@click.option("--direction", type=click.Choice(connectors.DIRECTIONS), default="outgoing", show_default=True)
+@click.option("--host", help="SMTP server host.")
+@click.option("--port", type=int, help="SMTP server port (25, 587, 465, ...).")
+@click.option(
+    "--security",
+    type=click.Choice(connectors.SECURITY_MODES),
+    default="auto",
+    show_default=True,
+    help="auto: 465 implicit TLS, 587 STARTTLS, 25 STARTTLS when offered (required with credentials).",
+)
+@click.option("--username", help="SMTP AUTH user (for `both`: the incoming-mail login).")
+@click.option(
+    "--password-env",
+    metavar="VAR",
+    help="Name of the worker's environment variable holding the password.",
+)
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from stdin; stored encrypted with $OUTBOX_SECRET_KEY.",
+)
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA bundle to verify the server.")
+@click.option("--default-gateway", is_flag=True, help="Make it the System Default Gateway.")
+@click.option("--disabled", is_flag=True, help="Register it disabled.")
+@click.option("--max-connections", type=click.IntRange(1, 100), default=4, show_default=True)
+@click.option(
+    "--timeout",
+    "timeout_seconds",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="SMTP timeout per command, seconds.",
+)
+@click.option("--actor", help="Who is making the change (default: the OS user).")
+@with_conn
+def connector_add(
+    conn: psycopg.Connection[Any],
+    name: str,
+    aliases: tuple[str, ...],
+    password_stdin: bool,
+    disabled: bool,
+    default_gateway: bool,
+    actor: str | None,
+    **options: Any,
+) -> None:
+    """Register a connector."""
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise ValidationError("--password-stdin read an empty password")
+    new = connectors.NewConnector(
+        name=name,
+        aliases=aliases,
+        password=password,
+        enabled=not disabled,
+        default_gateway=default_gateway,
+        **options,
+    )
+    connectors.add(conn, new, actor=actor)
+    click.echo(f"connector {name} added")
+
+
+@connector.command("list")
+@json_option
+@with_conn
+def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
+    """List connectors (passwords are never shown, only how they are kept)."""
+    rows = [connectors.describe(c) for c in connectors.load_all(conn)]
+    emit(
+        rows,
+        as_json,
+        lambda rs: (
+            table(
+                rs,
+                [
+                    "name",
+                    "direction",
+                    "address",
+                    "host",
+                    "port",
+                    "effective_security",
+                    "username",
+                    "password",
+                    "enabled",
+                    "default_gateway",
+                ],
+            )
+            if rs
+            else "no connectors"
+        ),
+    )
+
+
+@connector.command("enable")
+@click.argument("name")
+@click.option("--actor", help="Who is making the change (default: the OS user).")
+@with_conn
+def connector_enable(conn: psycopg.Connection[Any], name: str, actor: str | None) -> None:
+    """Enable a connector and release the messages held for it."""
+    released = connectors.set_enabled(conn, name, True, actor=actor)
+    click.echo(f"connector {name} enabled; {released} held message(s) released")
+
+
+@connector.command("disable")
+@click.argument("name")
+@click.option("--actor", help="Who is making the change (default: the OS user).")
+@with_conn
+def connector_disable(conn: psycopg.Connection[Any], name: str, actor: str | None) -> None:
+    """Disable a connector: its messages are held until it is enabled."""
+    connectors.set_enabled(conn, name, False, actor=actor)
+    click.echo(f"connector {name} disabled")
+
+
+@connector.command("test")
+@click.argument("name")
+@json_option
+@with_conn
+def connector_test(conn: psycopg.Connection[Any], name: str, as_json: bool) -> None:
+    """Connect, secure, say EHLO and authenticate; send nothing (Enate's Test Connection)."""
+    from worker.probe import probe
+
+    c = connectors.get(conn, name)
+    settings = runtime_settings.load(conn)
+    result = probe(
+        c,
+        timeout=min(settings.smtp_timeout_seconds, c.timeout_seconds),
+        local_hostname=Config().local_hostname,
+    )
+    emit(
+        result,
+        as_json,
+        lambda r: "\n".join(
+            f"{'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['detail']}" for s in r["steps"]
+        ),
+    )
+    if not result["ok"]:
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,142 @@
+"""outbox run / poll / worker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from outbox.cli.base import (
+    cli,
+    db_option,
+)
+from outbox.config import Config
+
+# -- running -------------------------------------------------------------------------------
+
+
+def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        db_option,
+        click.option(
+            "--redis-url",
+            envvar="OUTBOX_REDIS_URL",
+            show_envvar=True,
+            default=Config.model_fields["redis_url"].default,
+            show_default=True,
+        ),
+        click.option(
+            "--queue",
+            envvar="OUTBOX_QUEUE",
+            show_envvar=True,
+            default=Config.model_fields["queue"].default,
+            show_default=True,
+            help="Dramatiq queue name.",
+        ),
+        click.option(
+            "--redis-namespace",
+            envvar="OUTBOX_REDIS_NAMESPACE",
+            show_envvar=True,
+            default=Config.model_fields["redis_namespace"].default,
+            show_default=True,
+            help="Prefix of every Redis key.",
+        ),
+        click.option(
+            "--metrics-port",
+            envvar="OUTBOX_METRICS_PORT",
+            show_envvar=True,
+            type=int,
+            default=None,
+            help="Serve Prometheus metrics on 127.0.0.1:PORT.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _worker_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--threads",
+        "worker_threads",
+        envvar="OUTBOX_WORKER_THREADS",
+        show_envvar=True,
+        type=click.IntRange(1, 256),
+        default=Config.model_fields["worker_threads"].default,
+        show_default=True,
+        help="Concurrent broker messages per worker process.",
+    )(f)
+    f = click.option(
+        "--processes",
+        "worker_processes",
+        envvar="OUTBOX_WORKER_PROCESSES",
+        show_envvar=True,
+        type=click.IntRange(1, 64),
+        default=Config.model_fields["worker_processes"].default,
+        show_default=True,
+        help="Worker processes.",
+    )(f)
+    return f
+
+
+def _config(**flags: Any) -> Config:
+    return Config(**{k: v for k, v in flags.items() if v is not None})
+
+
+@cli.command("run")
+@_runner_options
+@_worker_options
+@click.option(
+    "--until-idle", is_flag=True, help="Exit once nothing is due, in flight or waiting for a retry."
+)
+def run(until_idle: bool, **flags: Any) -> None:
+    """Poller and workers together, for one machine."""
+    from worker.runner import install_signal_handlers, run_all
+
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    run_all(_config(**flags), stop, until_idle=until_idle)
+
+
+@cli.command("poll")
+@_runner_options
+def poll(**flags: Any) -> None:
+    """Only the poller: claim due rows and hand them to the broker."""
+    from worker import metrics
+    from worker.runner import install_signal_handlers, run_poller
+
+    config = _config(**flags)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    metrics.serve(config.metrics_port)
+    run_poller(config, stop)
+
+
+@cli.command("worker")
+@_runner_options
+@_worker_options
+def worker_cmd(**flags: Any) -> None:
+    """Only workers: consume the broker queue and send mail."""
+    from worker.runner import install_signal_handlers, run_all_workers
+
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    run_all_workers(_config(**flags), stop)
+
+
+@cli.command("catcher")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=1025, show_default=True)
+@click.option(
+    "--maildir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Where received messages are kept (one .eml file each).",
+)
+def catcher(host: str, port: int, maildir: str) -> None:
+    """A local SMTP catcher that keeps what it receives (for trying things out)."""
+    from outbox.catcher import serve
+
+    serve(host, port, maildir)

@@ -1,0 +1,97 @@
+"""outbox send."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import click
+import psycopg
+
+from outbox.cli.base import (
+    cli,
+    with_conn,
+)
+from outbox.enqueue import enqueue
+from outbox.errors import ValidationError
+from outbox.message import Attachment
+
+# -- sending -------------------------------------------------------------------------------
+
+
+def _parse_when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationError(f"--send-at {value!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise ValidationError("--send-at needs a time zone offset, e.g. 2026-12-01T09:00:00+01:00")
+    return when
+
+
+def _parse_headers(values: Iterable[str]) -> dict[str, str]:
+    headers = {}
+    for h in values:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise ValidationError(f"--header {h!r} must look like 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+@cli.command("send")
+@click.option("--from", "from_addr", help="From address (omit with --system for the unmonitored address).")
+@click.option("--from-name", help="Display name of the sender.")
+@click.option("--to", multiple=True, help="Recipient; repeat.")
+@click.option("--cc", multiple=True, help="Cc recipient; repeat.")
+@click.option("--bcc", multiple=True, help="Bcc recipient (never in the headers); repeat.")
+@click.option("--reply-to")
+@click.option("--subject", required=True)
+@click.option("--text", help="Plain-text body.")
+@click.option("--html", help="HTML body.")
+@click.option(
+    "--attach",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="File to attach; repeat.",
+)
+@click.option("--header", "headers", multiple=True, help="Extra header 'X-Name: value'; repeat.")
+@click.option("--send-at", help="Send at this ISO 8601 time (with offset).")
+@click.option(
+    "--importance",
+    type=click.Choice(["high", "normal", "low"]),
+    default="normal",
+    show_default=True,
+)
+@click.option("--idempotency-key", help="A repeat with the same key inserts nothing.")
+@click.option("--reference", help="Your reference (e.g. a case number).")
+@click.option("--system", "system_generated", is_flag=True, help="System-generated mail.")
+@with_conn
+def send(
+    conn: psycopg.Connection[Any],
+    attach: tuple[str, ...],
+    headers: tuple[str, ...],
+    send_at: str | None,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    **fields: Any,
+) -> None:
+    """Enqueue one message; print its id."""
+    if fields["text"] is None and fields["html"] is None:
+        raise ValidationError("give --text or --html")
+    msg_id = enqueue(
+        conn,
+        to=list(to),
+        cc=list(cc),
+        bcc=list(bcc),
+        attachments=[Attachment.from_path(p) for p in attach],
+        headers=_parse_headers(headers),
+        send_after=_parse_when(send_at),
+        **fields,
+    )
+    conn.commit()
+    click.echo(msg_id)
