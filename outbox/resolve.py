@@ -38,6 +38,9 @@ class Connector:
     max_connections: int = 4
     timeout_seconds: float = 60.0
     updated_at: datetime | None = None
+    failures: int = 0
+    backoff_until: datetime | None = None
+    last_error: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Connector:
@@ -47,6 +50,13 @@ class Connector:
         if values.get("password_enc") is not None:
             values["password_enc"] = bytes(values["password_enc"])
         return cls(**values)
+
+    @property
+    def transport_key(self) -> tuple[Any, ...]:
+        """What an SMTP session depends on: a change means new connections."""
+        return (self.host, self.port, self.security, self.username, self.password_env,
+                self.password_enc, self.ca_file, self.max_connections, self.timeout_seconds,
+                self.updated_at)
 
     @property
     def outbound(self) -> bool:

@@ -5,7 +5,7 @@ CLI keys are the column names with dashes: `outbox settings set retry-base-secon
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -32,6 +32,9 @@ class Settings(BaseModel):
     lease_seconds: float = Field(300, gt=0)
     max_message_bytes: int = Field(26214400, ge=1024, le=104857600)
     smtp_timeout_seconds: float = Field(60, gt=0)
+    # After a connection lost past the final dot: `retry` (at-least-once, same Message-ID) or
+    # `hold` (fail it for an operator to replay).
+    ambiguous_policy: Literal["retry", "hold"] = "retry"
     additional_bcc: list[str] = []
     override_to: list[str] = []
     override_cc: list[str] = []

@@ -3,6 +3,7 @@ implicit TLS; a recording handler with scripted faults."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import socket
 import ssl
@@ -75,14 +76,30 @@ class Recorder:
         script = self.rcpt_replies.get(address.lower())
         if script:
             reply = script.popleft() if len(script) > 1 else script[0]
+            if reply == "drop":  # cut the connection in the middle of the envelope
+                server.transport.abort()
+                return "250 OK (never seen)"
             if not reply.startswith("250"):
                 return reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.data_replies:
-            return self.data_replies.popleft()
+        """`data_replies` entries: an SMTP reply line, or `drop` (keep the message, then cut
+        the connection before replying: an ambiguous outcome), or `slow:SECONDS` (keep it and
+        reply 250 that late)."""
+        action = self.data_replies.popleft() if self.data_replies else "250"
+        if action[0].isdigit() and not action.startswith("250"):
+            return action
+        self._keep(envelope)
+        if action == "drop":
+            server.transport.abort()
+            return "250 OK (never seen)"
+        if action.startswith("slow:"):
+            await asyncio.sleep(float(action.split(":", 1)[1]))
+        return "250 2.0.0 OK queued"
+
+    def _keep(self, envelope: Any) -> None:
         with self.arrived:
             self.received.append(
                 Received(
@@ -92,7 +109,6 @@ class Recorder:
                 )
             )
             self.arrived.notify_all()
-        return "250 2.0.0 OK queued"
 
     def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
         with self.arrived:
@@ -126,9 +142,12 @@ class Server:
     recorder: Recorder
     port: int
     authenticator: Authenticator | None = None
+    stopped: bool = False
 
     def stop(self) -> None:
-        self.controller.stop()
+        if not self.stopped:
+            self.stopped = True
+            self.controller.stop()
 
 
 def start_server(

@@ -4,6 +4,7 @@ message's connector, send it, and write the outcome back under the lease."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,13 +28,15 @@ from outbox.resolve import Connector, Route, resolve
 from outbox.settings import Settings
 from outbox.sql import queries
 from worker import metrics
-from worker.policy import Decision, Verdict, decide
+from worker.policy import Decision, Verdict, decide, is_connector_problem
 from worker.transport import Outcome, Transport
 
 Q = queries("worker")
 log = logs.get("outbox.worker")
 
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+# Stop before DATA this long before the lease runs out (clock steps, slow writes).
+LEASE_MARGIN_SECONDS = 5.0
 
 
 def db_retry(seconds: float) -> AsyncRetrying:
@@ -149,23 +152,43 @@ class Delivery:
 
     async def _deliver(self, row: dict[str, Any], batch: Batch) -> None:
         started = datetime.now(UTC)
+        # The lease as this process sees it: past it, another worker may own the row.
+        lease = batch.settings.lease_seconds
+        deadline = time.monotonic() + lease - min(LEASE_MARGIN_SECONDS, lease * 0.2)
         settings = batch.settings
-        bound = log.bind(message=row["id"], attempt=row["attempts"])
         route = resolve(row["from_addr"], batch.connectors)
         if route.action != "send":
             await self._finish_unrouted(row, route, started, settings)
-            bound.info("not routed", action=route.action, reason=route.reason)
+            log.info("not routed", message=row["id"], action=route.action, reason=route.reason)
             return
         connector = route.connector
         assert connector is not None
         settled = batch.settled.get(row["id"], {})
         recipients = [a for a in envelope(row, settings) if a.lower() not in settled]
-        content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
-        if recipients:
+        if connector.backoff_until is not None and connector.backoff_until > started:
+            # The connector is resting after failures to reach or log in to it.
+            outcome = Outcome(
+                phase="connect",
+                error=f"connector {connector.name} is backing off after: {connector.last_error}",
+            )
+            outcome.verdicts = dict.fromkeys(recipients, Verdict.TRANSIENT)
+        elif recipients:
+            content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
             pool = self.transport.pool(connector, timeout=settings.smtp_timeout_seconds)
-            outcome = await pool.send(row["from_addr"], recipients, content)
+            outcome = await pool.send(
+                row["from_addr"],
+                recipients,
+                content,
+                before_data=lambda: self._before_data(row, deadline, settings),
+            )
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
+        connector_problem = is_connector_problem(outcome.phase, outcome.verdicts, False)
+        retry_at = connector.backoff_until if connector_problem else None
+        if connector_problem and not (connector.backoff_until and connector.backoff_until > started):
+            retry_at = await self._connector_failed(connector, outcome.summary, settings)
+        elif not connector_problem and (connector.failures or connector.backoff_until):
+            await self._connector_recovered(connector)
         decision = decide(
             verdicts=outcome.verdicts,
             settled=settled,
@@ -173,17 +196,63 @@ class Delivery:
             created_at=row["created_at"],
             now=datetime.now(UTC),
             settings=settings,
+            summary=outcome.summary,
+            refused={a: _reply(outcome, a) for a, v in outcome.verdicts.items() if v is Verdict.PERMANENT},
+            connector_problem=connector_problem,
+            connector_retry_at=retry_at,
         )
         await self._finish_sent(row, connector, outcome, decision, started, settings)
         metrics.observe_send(connector.name, decision.status, outcome.code, outcome.seconds)
-        bound.info(
+        log.info(
             "attempt finished",
+            message=row["id"],
+            attempt=row["attempts"],
             connector=connector.name,
             status=decision.status,
             phase=outcome.phase,
             smtp_code=outcome.code,
-            error=outcome.error if decision.failure else None,
+            error=decision.last_error,
         )
+
+    async def _before_data(self, row: dict[str, Any], deadline: float, settings: Settings) -> bool:
+        """Still ours? Checked before any content goes out. With ambiguous-policy `hold` the
+        phase is recorded first, so a worker lost after this point is known to be ambiguous."""
+        if time.monotonic() > deadline:
+            return False
+        if settings.ambiguous_policy != "hold":
+            return True
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                Q["set_phase"], {"id": row["id"], "lease_token": row["lease_token"], "phase": "data"}
+            )
+            return cur.rowcount == 1
+
+    async def _connector_failed(self, connector: Connector, error: str, settings: Settings) -> datetime:
+        async for attempt in db_retry(30):
+            with attempt:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(
+                        Q["connector_failed"],
+                        {
+                            "id": connector.id,
+                            "error": error[:1000],
+                            "base_seconds": settings.retry_base_seconds,
+                            "max_seconds": settings.retry_max_seconds,
+                        },
+                    )
+                    row = await cur.fetchone()
+        log.warning(
+            "connector failing; backing off",
+            connector=connector.name,
+            error=error,
+            until=row[0] if row else None,
+        )
+        return row[0] if row and row[0] else datetime.now(UTC)
+
+    async def _connector_recovered(self, connector: Connector) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(Q["connector_recovered"], {"id": connector.id})
+        log.info("connector recovered", connector=connector.name)
 
     async def _finish_unrouted(
         self, row: dict[str, Any], route: Route, started: datetime, settings: Settings
@@ -218,26 +287,18 @@ class Delivery:
         started: datetime,
         settings: Settings,
     ) -> None:
-        last_error = outcome.summary if decision.failure else None
-        if decision.failure and decision.status in ("failed", "partial"):
-            refused = [f"{a}: {_reply(outcome, a)}" for a, s in decision.recipients.items() if s == "failed"]
-            if any(v in (Verdict.TRANSIENT, Verdict.AMBIGUOUS) for v in outcome.verdicts.values()):
-                last_error = f"gave up after {row['attempts']} attempts: {outcome.summary}"
-            elif refused:
-                last_error = "; ".join(refused)[:2000]
-        any_ambiguous = any(v is Verdict.AMBIGUOUS for v in outcome.verdicts.values())
         await self._write(
             row,
             settings,
             {
                 "status": decision.status,
-                "refund": 0,
+                "refund": 1 if decision.refund else 0,
                 "next_attempt_at": decision.next_attempt_at,
                 "connector_id": connector.id,
                 "connector_name": connector.name,
                 "phase": outcome.phase,
-                "outcome": "ambiguous" if any_ambiguous else decision.status,
-                "last_error": last_error,
+                "outcome": decision.outcome,
+                "last_error": decision.last_error,
                 "smtp_code": outcome.code,
                 "smtp_reply": outcome.reply,
                 "failure": decision.failure,

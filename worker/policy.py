@@ -44,12 +44,18 @@ def classify(phase: str, code: int | None) -> Verdict:
     return Verdict.PERMANENT
 
 
+CONNECTOR_PHASES = ("connect", "ehlo", "starttls", "auth")
+
+
 @dataclass(frozen=True)
 class Decision:
     status: str  # next message status
     next_attempt_at: datetime | None
     recipients: dict[str, str]  # addr -> recipient status for this attempt
     failure: bool  # a failure to show (first_failed_at, last_error)
+    last_error: str | None = None
+    outcome: str = ""  # the attempt's label in outbox.attempt
+    refund: bool = False  # the attempt does not count (the connector's fault, not the message's)
 
 
 RECIPIENT_STATUS = {
@@ -67,6 +73,18 @@ def backoff_seconds(attempts: int, settings: Settings, rng: random.Random | None
     return step / 2 + step / 2 * r
 
 
+def is_connector_problem(phase: str, verdicts: Mapping[str, Verdict], config_error: bool) -> bool:
+    """Failures before MAIL (connect, greeting, TLS, AUTH) or a broken configuration are the
+    connector's, not the message's: they must not spend every queued message's attempts."""
+    if config_error:
+        return True
+    return (
+        phase in CONNECTOR_PHASES
+        and bool(verdicts)
+        and all(v is Verdict.TRANSIENT for v in verdicts.values())
+    )
+
+
 def decide(
     *,
     verdicts: Mapping[str, Verdict],
@@ -75,25 +93,48 @@ def decide(
     created_at: datetime,
     now: datetime,
     settings: Settings,
+    summary: str = "",
+    refused: Mapping[str, str] | None = None,
+    connector_problem: bool = False,
+    connector_retry_at: datetime | None = None,
 ) -> Decision:
     """Next status from this attempt's verdict per recipient.
 
     `settled` holds recipients finished by earlier attempts ('sent'/'failed'), which this
     attempt did not send to. Pending recipients (transient or ambiguous) retry until
-    `max_attempts` or `max_age_seconds`, then fail.
+    `max_attempts` or `max_age_seconds`, then fail. An ambiguous outcome (lost after the final
+    dot) is retried with the same Message-ID, or failed for an operator when
+    `ambiguous_policy` is `hold`. A connector problem retries when the connector is due again,
+    without spending the message's attempt; only the maximum age ends it.
     """
     recipients = {addr: RECIPIENT_STATUS[v] for addr, v in verdicts.items()}
     pending = [a for a, s in recipients.items() if s in ("deferred", "ambiguous")]
-    exhausted = attempts >= settings.max_attempts or (
-        now - created_at >= timedelta(seconds=settings.max_age_seconds)
-    )
+    ambiguous = any(s == "ambiguous" for s in recipients.values())
+    too_old = now - created_at >= timedelta(seconds=settings.max_age_seconds)
+    label = "ambiguous" if ambiguous else ""
+    if connector_problem and not too_old:
+        when = connector_retry_at or now + timedelta(seconds=backoff_seconds(1, settings))
+        return Decision("retry", max(when, now), recipients, True, summary, "retry", refund=True)
+    if ambiguous and settings.ambiguous_policy == "hold":
+        reason = (
+            f"ambiguous outcome after the final dot ({summary}): the server may have accepted it; "
+            "held for an operator (ambiguous-policy hold) - replay to send again"
+        )
+        recipients.update({a: "ambiguous" for a in pending})
+        return Decision("failed", None, recipients, True, reason, "ambiguous")
+    exhausted = attempts >= settings.max_attempts or too_old
     if pending and not exhausted:
         delay = backoff_seconds(attempts, settings)
-        return Decision("retry", now + timedelta(seconds=delay), recipients, True)
+        return Decision("retry", now + timedelta(seconds=delay), recipients, True, summary, label or "retry")
     if pending:
         recipients.update({a: "failed" for a in pending})
+        why = "maximum age reached" if too_old else f"gave up after {attempts} attempts"
+        reason = f"{why}: {summary}"
+    else:
+        reason = "; ".join(f"{a}: {r}" for a, r in (refused or {}).items()) or summary
     final = list(settled.values()) + list(recipients.values())
     sent = sum(1 for s in final if s == "sent")
     if sent == len(final):
-        return Decision("sent", None, recipients, False)
-    return Decision("partial" if sent else "failed", None, recipients, True)
+        return Decision("sent", None, recipients, False, None, label or "sent")
+    status = "partial" if sent else "failed"
+    return Decision(status, None, recipients, True, reason[:2000], label or status)

@@ -81,7 +81,10 @@ class Poller:
         conn = self._connection()
         with conn.cursor(row_factory=dict_row) as cur:
             settings = Settings.model_validate(cur.execute(Q["settings"]).fetchone() or {})
-            reaped = cur.execute(Q["reap_expired"], {"max_attempts": settings.max_attempts}).fetchone()
+            reaped = cur.execute(
+                Q["reap_expired"],
+                {"max_attempts": settings.max_attempts, "ambiguous_policy": settings.ambiguous_policy},
+            ).fetchone()
         cycle = Cycle()
         if reaped:
             cycle.expired = reaped["dispatched"] + reaped["sending"]

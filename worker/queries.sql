@@ -15,10 +15,12 @@ UPDATE outbox.message m
 RETURNING m.id, m.lease_token::text;
 
 -- reap_expired --
--- Rows whose lease expired (worker died, Redis lost its keys) go back to the queue; a row
--- lost while `sending` counts its attempt and fails once attempts are spent.
+-- Rows whose lease expired (worker died, Redis lost its keys) go back to the queue. A row lost
+-- while `sending` counts its attempt; lost after DATA began it is ambiguous (the server may
+-- have it): retried, or failed for an operator when ambiguous_policy is 'hold'.
 WITH expired AS MATERIALIZED (
-    SELECT id, status AS was, phase AS was_phase, attempts, connector_id
+    SELECT id, status AS was, phase AS was_phase, attempts, connector_id,
+           status = 'sending' AND phase IN ('data', 'dot') AS ambiguous
       FROM outbox.message
      WHERE status IN ('dispatched', 'sending') AND lease_expires_at < now()
      ORDER BY lease_expires_at
@@ -27,13 +29,17 @@ WITH expired AS MATERIALIZED (
 moved AS (
     UPDATE outbox.message m
        SET status = CASE
+                WHEN e.ambiguous AND %(ambiguous_policy)s = 'hold' THEN 'failed'
                 WHEN e.was = 'sending' AND e.attempts >= %(max_attempts)s THEN 'failed'
                 WHEN e.attempts = 0 THEN 'queued'
                 ELSE 'retry' END,
            last_error = CASE WHEN e.was = 'sending'
-                THEN 'worker lost during ' || coalesce(e.was_phase, 'sending')
-                     || ' (lease expired)'
-                     || CASE WHEN e.attempts >= %(max_attempts)s THEN '; attempts exhausted' ELSE '' END
+                THEN 'worker lost during ' || coalesce(e.was_phase, 'sending') || ' (lease expired)'
+                     || CASE
+                        WHEN e.ambiguous AND %(ambiguous_policy)s = 'hold'
+                            THEN '; ambiguous: the server may have it; held for an operator'
+                        WHEN e.attempts >= %(max_attempts)s THEN '; attempts exhausted'
+                        ELSE '' END
                 ELSE m.last_error END,
            first_failed_at = CASE WHEN e.was = 'sending' THEN coalesce(m.first_failed_at, now())
                 ELSE m.first_failed_at END,
@@ -44,8 +50,9 @@ moved AS (
     RETURNING m.id, m.status),
 history AS (
     INSERT INTO outbox.attempt (message_id, attempt, connector_id, started_at, phase, outcome, error)
-    SELECT e.id, e.attempts, e.connector_id, now(), e.was_phase, 'lease-expired',
-           'lease expired while ' || e.was
+    SELECT e.id, e.attempts, e.connector_id, now(), e.was_phase,
+           CASE WHEN e.ambiguous THEN 'ambiguous' ELSE 'lease-expired' END,
+           'lease expired while sending (phase ' || coalesce(e.was_phase, 'unknown') || ')'
       FROM expired e WHERE e.was = 'sending')
 SELECT count(*) FILTER (WHERE e.was = 'dispatched') AS dispatched,
        count(*) FILTER (WHERE e.was = 'sending') AS sending,
@@ -105,9 +112,11 @@ SELECT * FROM outbox.connector;
 SELECT * FROM outbox.settings;
 
 -- set_phase --
--- Record how far the SMTP conversation got (read when a lease expires mid-send).
+-- Record how far the SMTP conversation got (read when a lease expires mid-send); matches
+-- nothing once the lease is lost or expired.
 UPDATE outbox.message SET phase = %(phase)s
- WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending';
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending'
+   AND lease_expires_at > now();
 
 -- finish_attempt --
 -- Write an attempt's outcome, only while this worker still holds the lease (fencing): the
@@ -149,3 +158,21 @@ SELECT count(*) FILTER (WHERE status IN ('queued', 'retry') AND next_attempt_at 
        count(*) FILTER (WHERE status = 'retry') AS retrying
   FROM outbox.message
  WHERE status IN ('queued', 'retry', 'dispatched', 'sending');
+
+-- connector_failed --
+-- A failure before MAIL (connect, TLS, AUTH): back the connector off (once per backoff
+-- window, however many messages hit it at the same time); returns when it is due again.
+WITH bumped AS (
+    UPDATE outbox.connector
+       SET failures = failures + 1, last_error = %(error)s, last_error_at = now(),
+           backoff_until = now() + make_interval(
+               secs => least(%(max_seconds)s, %(base_seconds)s * 2 ^ least(failures, 30)))
+     WHERE id = %(id)s AND (backoff_until IS NULL OR backoff_until <= now())
+    RETURNING backoff_until)
+SELECT coalesce((SELECT backoff_until FROM bumped),
+                (SELECT backoff_until FROM outbox.connector WHERE id = %(id)s)) AS backoff_until;
+
+-- connector_recovered --
+-- A message went through: the connector is healthy again.
+UPDATE outbox.connector SET failures = 0, backoff_until = NULL
+ WHERE id = %(id)s AND (failures > 0 OR backoff_until IS NOT NULL);

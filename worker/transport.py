@@ -12,7 +12,7 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -140,6 +140,7 @@ class ConnectorPool:
         recipients: Sequence[str],
         content: bytes,
         on_phase: Callable[[str], None] = lambda p: None,
+        before_data: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Send one message to `recipients`; never raises for SMTP or network trouble."""
         started = time.monotonic()
@@ -155,7 +156,7 @@ class ConnectorPool:
                 try:
                     if client is None or not client.is_connected:
                         client = await self.open(phase)
-                    await self._transaction(client, sender, recipients, content, outcome, phase)
+                    await self._transaction(client, sender, recipients, content, outcome, phase, before_data)
                 except Exception as exc:  # network, TLS, protocol: recorded, never raised
                     self._fail(outcome, exc, recipients)
                     if client is not None:
@@ -193,6 +194,7 @@ class ConnectorPool:
         content: bytes,
         outcome: Outcome,
         phase: Callable[[str], None],
+        before_data: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         envelope_from, utf8 = _encode_address(sender)
         rcpts = [_encode_address(r) for r in recipients]
@@ -225,6 +227,15 @@ class ConnectorPool:
             outcome.replies[original] = (resp.code, resp.message)
         if not accepted:
             outcome.code, outcome.reply = outcome.replies[recipients[-1]]
+            await client.rset()
+            return
+        if before_data is not None and not await before_data():
+            # Our lease ran out (the process was stopped, or stalled): another worker may own
+            # the row now, so this one must not send the content.
+            outcome.error = "lease lost before DATA: the message is left to its new owner"
+            for r in accepted:
+                outcome.verdicts[r] = Verdict.TRANSIENT
+                outcome.replies[r] = (None, outcome.error)
             await client.rset()
             return
         phase("data")
@@ -263,7 +274,11 @@ class Transport:
     def pool(self, connector: Connector, *, timeout: float) -> ConnectorPool:
         timeout = min(timeout, connector.timeout_seconds)
         current = self._pools.get(connector.id)
-        if current is None or current.connector != connector or current.timeout != timeout:
+        if (
+            current is None
+            or current.connector.transport_key != connector.transport_key
+            or (current.timeout != timeout)
+        ):
             if current is not None:
                 self._retired.add(asyncio.ensure_future(current.aclose()))
             current = ConnectorPool(connector, local_hostname=self.local_hostname, timeout=timeout)

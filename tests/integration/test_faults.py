@@ -1,0 +1,175 @@
+"""SMTP fault semantics, decided from phase + reply, seen from the server's side: which
+copies arrived, their Message-IDs, and the row's final status."""
+
+from __future__ import annotations
+
+import pytest
+
+import outbox
+from outbox import connectors
+from outbox.connectors import NewConnector
+
+
+@pytest.fixture
+def fast_retries(db):
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.1, retry_max_seconds = 0.3")
+
+
+def gateway(db, server, **kw):
+    connectors.add(
+        db,
+        NewConnector(
+            name="gw",
+            direction="outgoing",
+            address="gw@relay.example",
+            host="localhost",
+            port=server.port,
+            default_gateway=True,
+            **kw,
+        ),
+    )
+
+
+def enqueue(db, to=("x@example.org",)):
+    with db.transaction():
+        return outbox.enqueue(db, from_addr="a@example.com", to=list(to), subject="s", text="t")
+
+
+def row(db, msg_id, *cols):
+    return db.execute(f"SELECT {', '.join(cols)} FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
+
+
+def outcomes(db, msg_id):
+    return [
+        r[0]
+        for r in db.execute("SELECT outcome FROM outbox.attempt WHERE message_id = %s ORDER BY id", [msg_id])
+    ]
+
+
+@pytest.mark.parametrize(
+    "reply", ["421 4.3.2 shutting down", "450 4.2.1 busy", "451 4.3.0 local error", "452 4.3.1 no space"]
+)
+def test_transient_data_reply_retries_then_one_copy(db, smtp, pipeline, fast_retries, reply):
+    gateway(db, smtp)
+    smtp.recorder.data_replies.append(reply)
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "sent")
+    assert len(smtp.recorder.wait_for(1)) == 1
+    assert outcomes(db, msg_id) == ["retry", "sent"]
+
+
+@pytest.mark.parametrize("reply", ["550 5.1.1 no such user", "552 5.3.4 too big", "554 5.7.1 rejected"])
+def test_permanent_data_reply_fails_without_a_copy(db, smtp, pipeline, reply):
+    gateway(db, smtp)
+    smtp.recorder.data_replies.append(reply)
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "failed")
+    assert row(db, msg_id, "last_smtp_code", "phase") == (int(reply[:3]), "dot")
+    assert smtp.recorder.received == []
+
+
+@pytest.mark.parametrize(
+    "reply, status",
+    [
+        ("450 4.2.1 busy", "sent"),
+        ("451 4.3.0 try later", "sent"),
+        ("452 4.2.2 full", "sent"),
+        ("552 5.2.2 mailbox full", "sent"),  # RFC 5321: 552 to RCPT counts as 452
+        ("550 5.1.1 unknown", "failed"),
+        ("554 5.7.1 denied", "failed"),
+    ],
+)
+def test_rcpt_replies(db, smtp, pipeline, fast_retries, reply, status):
+    gateway(db, smtp)
+    smtp.recorder.script_rcpt("x@example.org", reply, "250 OK")
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, status)
+    assert len(smtp.recorder.received) == (1 if status == "sent" else 0)
+
+
+@pytest.mark.parametrize(
+    "reply, status", [("451 4.3.0 later", "sent"), ("550 5.7.1 sender denied", "failed")]
+)
+def test_mail_from_replies(db, smtp, pipeline, fast_retries, reply, status):
+    gateway(db, smtp)
+    smtp.recorder.mail_replies.append(reply)
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, status)
+    assert row(db, msg_id, "attempts")[0] == (2 if status == "sent" else 1)
+
+
+def test_disconnect_before_the_final_dot_retries_without_a_duplicate(db, smtp, pipeline, fast_retries):
+    gateway(db, smtp)
+    smtp.recorder.script_rcpt("x@example.org", "drop", "250 OK")
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "sent")
+    assert len(smtp.recorder.wait_for(1)) == 1
+    assert outcomes(db, msg_id) == ["retry", "sent"]
+
+
+def test_disconnect_after_the_final_dot_is_ambiguous_and_resent_with_same_message_id(
+    db, smtp, pipeline, fast_retries
+):
+    gateway(db, smtp)
+    smtp.recorder.data_replies.append("drop")
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "sent")
+    first, second = smtp.recorder.wait_for(2)
+    assert first.message_id == second.message_id == row(db, msg_id, "message_id")[0]
+    assert outcomes(db, msg_id) == ["ambiguous", "sent"]
+
+
+def test_ambiguous_outcome_can_be_held_for_an_operator(db, smtp, pipeline):
+    gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET ambiguous_policy = 'hold'")
+    smtp.recorder.data_replies.append("drop")
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "failed")
+    assert "ambiguous" in row(db, msg_id, "last_error")[0]
+    pipeline.cycle()
+    assert len(smtp.recorder.received) == 1
+    assert outcomes(db, msg_id) == ["ambiguous"]
+
+
+def test_reply_slower_than_the_timeout_after_the_dot_is_ambiguous(db, smtp, pipeline, fast_retries):
+    gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET smtp_timeout_seconds = 0.3")
+    smtp.recorder.data_replies.append("slow:1.5")
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "sent")
+    copies = smtp.recorder.wait_for(2)
+    assert len({c.message_id for c in copies}) == 1
+    assert outcomes(db, msg_id)[0] == "ambiguous"
+
+
+def test_bad_credentials_back_off_the_connector_not_the_messages(
+    db, smtp_factory, pipeline, ca_file, monkeypatch, fast_retries
+):
+    server = smtp_factory("starttls", username="u", password="right")
+    monkeypatch.setenv("PW", "wrong")
+    gateway(db, server, username="u", password_env="PW", ca_file=ca_file)
+    ids = [enqueue(db, to=[f"r{i}@example.org"]) for i in range(3)]
+    for msg_id in ids:
+        pipeline.until_status(msg_id, "retry")
+    c = db.execute("SELECT failures, backoff_until > now(), last_error FROM outbox.connector").fetchone()
+    assert c[0] >= 1 and c[1] and "535" in c[2]
+    assert [row(db, i, "attempts")[0] for i in ids] == [0, 0, 0]  # no message spent an attempt
+    monkeypatch.setenv("PW", "right")
+    db.execute("UPDATE outbox.connector SET backoff_until = now()")
+    db.execute("UPDATE outbox.message SET next_attempt_at = now()")
+    for msg_id in ids:
+        pipeline.until_status(msg_id, "sent")
+    assert len(server.recorder.wait_for(3)) == 3
+    assert db.execute("SELECT failures, backoff_until FROM outbox.connector").fetchone() == (0, None)
+
+
+def test_unreachable_server_ends_failed_only_at_max_age(db, smtp, pipeline, fast_retries):
+    smtp.stop()  # nothing listens there any more
+    gateway(db, smtp)
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "retry")
+    assert row(db, msg_id, "attempts", "phase") == (0, "connect")
+    db.execute("UPDATE outbox.message SET created_at = now() - interval '6 days', next_attempt_at = now()")
+    db.execute("UPDATE outbox.connector SET backoff_until = now()")
+    pipeline.until_status(msg_id, "failed")
+    assert "maximum age reached" in row(db, msg_id, "last_error")[0]
