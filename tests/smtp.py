@@ -51,6 +51,11 @@ class Recorder:
     mail_replies: deque[str] = field(default_factory=deque)
     arrived: threading.Condition = field(default_factory=threading.Condition)
     sessions: int = 0
+    # Each DATA takes this long (a slow server, to catch a worker mid-batch).
+    data_delay: float = 0.0
+    # When `gate` is set: DATA signals `data_started` and waits until `gate` is cleared.
+    gate: threading.Event = field(default_factory=threading.Event)
+    data_started: threading.Event = field(default_factory=threading.Event)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -89,6 +94,16 @@ class Recorder:
         the connection before replying: an ambiguous outcome), or `slow:SECONDS` (keep it and
         reply 250 that late)."""
         action = self.data_replies.popleft() if self.data_replies else "250"
+        if self.gate.is_set():
+            # The whole content is here: keep it (the server may deliver it even if the
+            # client never reads the reply), then hold the reply back.
+            self._keep(envelope)
+            self.data_started.set()
+            while self.gate.is_set():
+                await asyncio.sleep(0.01)
+            return "250 2.0.0 OK queued"
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if action[0].isdigit() and not action.startswith("250"):
             return action
         self._keep(envelope)
