@@ -3,6 +3,7 @@ Postgres or Redis servers: each instance here runs on its own free port and is r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -186,10 +187,8 @@ class OutboxProcess:
 
     def kill(self) -> None:
         """SIGKILL the process and every child it started."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=30)
 
     def terminate(self, timeout: float = 60) -> int:
@@ -205,10 +204,8 @@ class OutboxProcess:
 
     def close(self) -> None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
             self.kill()
         self.log.close()
 
