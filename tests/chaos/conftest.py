@@ -126,7 +126,8 @@ class Chaos:
         assert not unknown, f"the server got messages the outbox does not know: {unknown}"
         explained = dict(
             self.sql(
-                "SELECT m.message_id, count(*) FROM outbox.attempt a JOIN outbox.message m ON m.id = a.message_id "
+                "SELECT m.message_id, count(*) FROM outbox.attempt a "
+                "JOIN outbox.message m ON m.id = a.message_id "
                 "WHERE a.outcome IN ('ambiguous', 'lease-expired') GROUP BY m.message_id"
             )
         )
