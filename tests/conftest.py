@@ -12,6 +12,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hypothesis  # noqa: F401  (imported up front: a late import under pytest's assertion
+
+#   rewriter trips a CPython 3.11.7 bug, "AST constructor recursion depth mismatch")
 import psycopg
 import pytest
 import redis

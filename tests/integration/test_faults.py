@@ -173,3 +173,20 @@ def test_unreachable_server_ends_failed_only_at_max_age(db, smtp, pipeline, fast
     db.execute("UPDATE outbox.connector SET backoff_until = now()")
     pipeline.until_status(msg_id, "failed")
     assert "maximum age reached" in row(db, msg_id, "last_error")[0]
+
+
+@pytest.mark.parametrize("phase", ["greeting", "ehlo"])
+@pytest.mark.parametrize("code", [421, 450, 451, 452, 550, 552, 554])
+def test_refusals_before_mail_are_the_connectors_problem(db, pipeline, phase, code):
+    from tests.faultsmtp import ScriptedServer
+
+    server = ScriptedServer(**{phase: f"{code} refused at {phase}"})
+    try:
+        gateway(db, server)
+        msg_id = enqueue(db)
+        pipeline.until_status(msg_id, "retry")
+        assert row(db, msg_id, "attempts", "last_smtp_code") == (0, code)
+        failures, last_error = db.execute("SELECT failures, last_error FROM outbox.connector").fetchone()
+        assert failures == 1 and str(code) in last_error
+    finally:
+        server.stop()
