@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -255,4 +256,17 @@ def describe(c: Connector) -> dict[str, Any]:
         "ca_file": c.ca_file,
         "enabled": c.enabled,
         "default_gateway": c.is_default_gateway,
+        "health": health(c),
+        "failures": c.failures,
+        "backoff_until": c.backoff_until,
+        "last_error": c.last_error,
     }
+
+
+def health(c: Connector) -> str:
+    """`ok`, `disabled`, or `backing off` after failures to reach or log in to the server."""
+    if not c.enabled:
+        return "disabled"
+    if c.backoff_until is not None and c.backoff_until > datetime.now(UTC):
+        return "backing off"
+    return "ok" if not c.failures else "failing"

@@ -54,9 +54,18 @@ class Connector:
     @property
     def transport_key(self) -> tuple[Any, ...]:
         """What an SMTP session depends on: a change means new connections."""
-        return (self.host, self.port, self.security, self.username, self.password_env,
-                self.password_enc, self.ca_file, self.max_connections, self.timeout_seconds,
-                self.updated_at)
+        return (
+            self.host,
+            self.port,
+            self.security,
+            self.username,
+            self.password_env,
+            self.password_enc,
+            self.ca_file,
+            self.max_connections,
+            self.timeout_seconds,
+            self.updated_at,
+        )
 
     @property
     def outbound(self) -> bool:

@@ -119,6 +119,8 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
                     "password",
                     "enabled",
                     "default_gateway",
+                    "health",
+                    "last_error",
                 ],
             )
             if rs

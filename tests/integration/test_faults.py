@@ -190,3 +190,26 @@ def test_refusals_before_mail_are_the_connectors_problem(db, pipeline, phase, co
         assert failures == 1 and str(code) in last_error
     finally:
         server.stop()
+
+
+def test_connector_list_says_the_connector_is_backing_off(
+    db, cli_env, smtp_factory, pipeline, ca_file, monkeypatch
+):
+    import json
+    import subprocess
+    import sys
+
+    server = smtp_factory("starttls", username="u", password="right")
+    monkeypatch.setenv("PW", "wrong")
+    gateway(db, server, username="u", password_env="PW", ca_file=ca_file)
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "retry")
+    out = subprocess.run(
+        [sys.executable, "-m", "outbox.cli", "connector", "list", "--json"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    [gw] = json.loads(out)
+    assert gw["health"] == "backing off" and "535" in gw["last_error"] and gw["failures"] == 1
