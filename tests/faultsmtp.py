@@ -1,5 +1,6 @@
-"""A scripted SMTP server for faults aiosmtpd cannot make: any reply to the greeting or to
-EHLO. Runs on its own event loop thread; answers 250 to everything else."""
+"""A scripted SMTP server: any reply at any phase (greeting, EHLO, MAIL, RCPT, the DATA
+command, after the final dot) — faults aiosmtpd cannot make. Runs on its own event loop
+thread; counts the messages it accepted."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import threading
 
 from tests.smtp import free_port
 
+PHASES = ("greeting", "ehlo", "mail", "rcpt", "data", "dot")
+
 
 class ScriptedServer:
-    def __init__(self, *, greeting: str = "220 fault.test ESMTP", ehlo: str = "250 fault.test") -> None:
-        self.greeting, self.ehlo = greeting, ehlo
+    def __init__(self, **replies: str) -> None:
+        unknown = set(replies) - set(PHASES)
+        assert not unknown, unknown
+        self.replies = {
+            "greeting": "220 fault.test ESMTP",
+            "ehlo": "250 fault.test",
+            "mail": "250 OK",
+            "rcpt": "250 OK",
+            "data": "354 go ahead",
+            "dot": "250 OK queued",
+        } | replies
         self.port = free_port()
-        self.connections = 0
+        self.accepted = 0
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -29,22 +41,31 @@ class ScriptedServer:
         self.loop.run_forever()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            writer.write(f"{self.greeting}\r\n".encode())
+        async def reply(text: str) -> bool:
+            writer.write(f"{text}\r\n".encode())
             await writer.drain()
+            return not text.startswith("421")
+
+        phases = {b"EHLO": "ehlo", b"HELO": "ehlo", b"MAIL": "mail", b"RCPT": "rcpt", b"DATA": "data"}
+        try:
+            if not await reply(self.replies["greeting"]):
+                return
             while line := await reader.readline():
                 verb = line[:4].upper()
-                if verb in (b"EHLO", b"HELO"):
-                    reply = self.ehlo
-                elif verb == b"QUIT":
-                    reply = "221 bye"
-                else:
-                    reply = "250 OK"
-                writer.write(f"{reply}\r\n".encode())
-                await writer.drain()
-                if verb == b"QUIT" or reply.startswith("421"):
-                    break
+                if verb == b"QUIT":
+                    await reply("221 bye")
+                    return
+                text = self.replies[phases[verb]] if verb in phases else "250 OK"
+                if not await reply(text):
+                    return
+                if verb == b"DATA" and text.startswith("354"):
+                    while (chunk := await reader.readline()) and chunk != b".\r\n":
+                        pass
+                    final = self.replies["dot"]
+                    if final.startswith("250"):
+                        self.accepted += 1
+                    if not await reply(final):
+                        return
         finally:
             writer.close()
 

@@ -175,19 +175,33 @@ def test_unreachable_server_ends_failed_only_at_max_age(db, smtp, pipeline, fast
     assert "maximum age reached" in row(db, msg_id, "last_error")[0]
 
 
-@pytest.mark.parametrize("phase", ["greeting", "ehlo"])
+def expected(phase: str, code: int) -> str:
+    """The semantics: refusals before MAIL are the connector's (retry, no attempt spent);
+    4xx (incl. 421) retry; 552 to RCPT counts as 452; other 5xx fail the message."""
+    if phase in ("greeting", "ehlo") or code < 500 or (phase == "rcpt" and code == 552):
+        return "retry"
+    return "failed"
+
+
+@pytest.mark.parametrize("phase", ["greeting", "ehlo", "mail", "rcpt", "data", "dot"])
 @pytest.mark.parametrize("code", [421, 450, 451, 452, 550, 552, 554])
-def test_refusals_before_mail_are_the_connectors_problem(db, pipeline, phase, code):
+def test_every_reply_at_every_phase(db, pipeline, phase, code):
     from tests.faultsmtp import ScriptedServer
 
     server = ScriptedServer(**{phase: f"{code} refused at {phase}"})
     try:
         gateway(db, server)
         msg_id = enqueue(db)
-        pipeline.until_status(msg_id, "retry")
-        assert row(db, msg_id, "attempts", "last_smtp_code") == (0, code)
-        failures, last_error = db.execute("SELECT failures, last_error FROM outbox.connector").fetchone()
-        assert failures == 1 and str(code) in last_error
+        want = expected(phase, code)
+        pipeline.until_status(msg_id, want)
+        attempts, smtp_code, last_error = row(db, msg_id, "attempts", "last_smtp_code", "last_error")
+        assert smtp_code == code and f"refused at {phase}" in last_error
+        assert server.accepted == 0
+        failures = db.execute("SELECT failures FROM outbox.connector").fetchone()[0]
+        if phase in ("greeting", "ehlo"):
+            assert (attempts, failures) == (0, 1)  # the connector backs off; the message waits
+        else:
+            assert (attempts, failures) == (1, 0)
     finally:
         server.stop()
 
