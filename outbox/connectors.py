@@ -206,6 +206,22 @@ def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *, acto
     return released
 
 
+def rotate_passwords(conn: psycopg.Connection[Any], *, actor: str | None = None) -> int:
+    """Re-encrypt every stored password under the first key of $OUTBOX_SECRET_KEY (one
+    transaction: all or nothing). Returns how many were re-encrypted."""
+    with conn.transaction():
+        conn.execute(Q["lock_connectors"])
+        stored = [c for c in load_all(conn) if c.password_enc is not None]
+        for c in stored:
+            assert c.password_enc is not None
+            conn.execute(
+                Q["set_connector_password"],
+                {"id": c.id, "password_enc": secrets.rotate(c.password_enc, c.name)},
+            )
+            _event(conn, c.id, c.name, "password re-encrypted", actor)
+    return len(stored)
+
+
 def _check_gateway_can_go(conn: psycopg.Connection[Any], gateway: Connector) -> None:
     row = conn.execute(Q["unmonitored_address"]).fetchone()
     unmonitored = row[0] if row else None

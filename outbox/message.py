@@ -56,6 +56,7 @@ _CONTROL = re.compile(r"[\r\n\x00]")
 
 MAX_RECIPIENTS = 500
 MAX_HEADER_CHARS = 998
+MAX_ATTACHMENTS = 100
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,11 @@ def prepare(
         check_line(value, f"header {name}")
         custom[name] = value
     files = tuple(attachments)
+    if len(files) > MAX_ATTACHMENTS:
+        raise ValidationError(f"too many attachments: {len(files)} (at most {MAX_ATTACHMENTS})")
     for a in files:
+        if not isinstance(a.content, bytes | bytearray):
+            raise ValidationError(f"attachment {a.filename!r}: content must be bytes")
         check_line(a.filename, "attachment filename")
         check_line(a.content_type, "attachment content type")
         if a.content_type.count("/") != 1:

@@ -56,6 +56,11 @@ VALUES (%(name)s, %(direction)s, %(address)s, %(aliases)s, %(host)s, %(port)s, %
         %(is_default_gateway)s, %(max_connections)s, %(timeout_seconds)s)
 RETURNING id;
 
+-- set_connector_password --
+-- Store a re-encrypted password.
+UPDATE outbox.connector SET password_enc = %(password_enc)s, updated_at = now()
+ WHERE id = %(id)s;
+
 -- set_connector_enabled --
 -- Enable or disable a connector.
 UPDATE outbox.connector SET enabled = %(enabled)s, updated_at = now()

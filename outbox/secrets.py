@@ -36,6 +36,16 @@ def encrypt(password: str) -> bytes:
     return _fernet().encrypt(password.encode())
 
 
+def rotate(token: bytes, name: str) -> bytes:
+    """Re-encrypt under the first key of $OUTBOX_SECRET_KEY (any listed key may decrypt)."""
+    try:
+        return _fernet().rotate(token)
+    except InvalidToken as exc:
+        raise ConfigurationError(
+            f"connector {name}: password cannot be decrypted with any key in ${KEY_ENV}"
+        ) from exc
+
+
 def password_for(connector: Connector) -> str | None:
     """The connector's password, read where it is needed (on the worker)."""
     if connector.password_env:

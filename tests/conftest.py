@@ -132,9 +132,10 @@ def smtp_factory(server_tls: ssl.SSLContext) -> Iterator[Callable[..., Server]]:
         name: str = "smtp",
         username: str | None = None,
         password: str | None = None,
+        **extra: Any,
     ) -> Server:
         auth = Authenticator(username, password) if username and password else None
-        server = start_server(mode=mode, tls=server_tls, auth=auth, name=name)
+        server = start_server(mode=mode, tls=server_tls, auth=auth, name=name, **extra)
         servers.append(server)
         return server
 

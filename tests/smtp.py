@@ -172,13 +172,15 @@ def start_server(
     auth: Authenticator | None = None,
     name: str = "smtp",
     recorder_factory: Callable[[], Recorder] | None = None,
+    **extra: Any,
 ) -> Server:
-    """mode: `plain` (no TLS offered), `starttls` (offered; required when `auth`), `tls`."""
+    """mode: `plain` (no TLS offered), `starttls` (offered; required when `auth`), `tls`.
+    `extra` goes to aiosmtpd's SMTP (e.g. enable_SMTPUTF8=True)."""
     recorder = (recorder_factory or Recorder)()
     recorder.name = name
     port = free_port()
     kwargs: dict[str, Any] = {"hostname": "localhost", "port": port, "server_hostname": "localhost"}
-    smtp_params: dict[str, Any] = {"decode_data": False}
+    smtp_params: dict[str, Any] = {"decode_data": False, **extra}
     if mode == "tls":
         kwargs["ssl_context"] = tls
     elif mode == "starttls":

@@ -178,7 +178,7 @@ class Poller:
             cycle = self.run_once()
             if until_idle and cycle.dispatched == 0:
                 p = self.pending()
-                if p["due"] == 0 and p["in_flight"] == 0 and p["retrying"] == 0:
+                if p["due"] == 0 and p["in_flight"] == 0:
                     return True
             if cycle.dispatched:
                 return False  # more may have arrived meanwhile: look again at once

@@ -152,10 +152,9 @@ results AS (
 SELECT count(*) AS written FROM done;
 
 -- pending_work --
--- What the pipeline still has to move: due now, in flight, or waiting for a retry.
+-- What the pipeline has to move now: due, or in flight (later retries and schedules wait).
 SELECT count(*) FILTER (WHERE status IN ('queued', 'retry') AND next_attempt_at <= now()) AS due,
-       count(*) FILTER (WHERE status IN ('dispatched', 'sending')) AS in_flight,
-       count(*) FILTER (WHERE status = 'retry') AS retrying
+       count(*) FILTER (WHERE status IN ('dispatched', 'sending')) AS in_flight
   FROM outbox.message
  WHERE status IN ('queued', 'retry', 'dispatched', 'sending');
 

@@ -149,6 +149,18 @@ def connector_disable(conn: psycopg.Connection[Any], name: str, actor: str | Non
     click.echo(f"connector {name} disabled")
 
 
+@connector.command("rotate-key")
+@click.option("--actor", help="Who is making the change (default: the OS user).")
+@with_conn
+def connector_rotate_key(conn: psycopg.Connection[Any], actor: str | None) -> None:
+    """Re-encrypt stored passwords under the first key of $OUTBOX_SECRET_KEY.
+
+    To rotate: put the new key first and keep the old one after it
+    (OUTBOX_SECRET_KEY=new,old), run this, then drop the old key."""
+    n = connectors.rotate_passwords(conn, actor=actor)
+    click.echo(f"{n} password(s) re-encrypted with the first key of $OUTBOX_SECRET_KEY")
+
+
 @connector.command("test")
 @click.argument("name")
 @json_option

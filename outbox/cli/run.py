@@ -89,7 +89,9 @@ def _config(**flags: Any) -> Config:
 @_runner_options
 @_worker_options
 @click.option(
-    "--until-idle", is_flag=True, help="Exit once nothing is due, in flight or waiting for a retry."
+    "--until-idle",
+    is_flag=True,
+    help="Exit once nothing is due or in flight (later retries and scheduled mail wait in the table).",
 )
 def run(until_idle: bool, **flags: Any) -> None:
     """Poller and workers together, for one machine."""
