@@ -198,7 +198,8 @@ class ConnectorPool:
     ) -> None:
         envelope_from, utf8 = _encode_address(sender)
         rcpts = [_encode_address(r) for r in recipients]
-        if utf8 or any(u for _, u in rcpts):
+        # UTF-8 headers (a non-ASCII local part anywhere) need SMTPUTF8 too; bodies are 7-bit.
+        if utf8 or any(u for _, u in rcpts) or not content.isascii():
             if not client.supports_extension("smtputf8"):
                 outcome.phase = "mail"
                 outcome.error = "non-ASCII address but the server does not offer SMTPUTF8"
