@@ -129,17 +129,23 @@ class Poller:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _wait(self, timeout: float) -> None:
-        """Sleep until a NOTIFY arrives, `timeout` passes or the poller is stopped."""
+    def _listening(self) -> psycopg.Connection[Any]:
+        """The LISTEN connection. It is opened before a scan, never after: an insert that
+        commits before LISTEN is found by the scan, one after it wakes the wait."""
         if self._listen is None or self._listen.closed:
             self._listen = psycopg.connect(self.config.database_url, autocommit=True)
             self._listen.execute(f"LISTEN {CHANNEL}")
+        return self._listen
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a NOTIFY arrives, `timeout` passes or the poller is stopped."""
+        listen = self._listening()
         deadline = time.monotonic() + max(0.0, timeout)
         while not self._stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            for _ in self._listen.notifies(timeout=min(remaining, 0.5), stop_after=1):
+            for _ in listen.notifies(timeout=min(remaining, 0.5), stop_after=1):
                 return
 
     def run(self, stop: threading.Event, *, until_idle: bool = False) -> None:
@@ -175,6 +181,7 @@ class Poller:
     def _step(self, until_idle: bool) -> bool:
         """One cycle and the wait after it; True when `until_idle` finds nothing left."""
         try:
+            self._listening()
             cycle = self.run_once()
             if until_idle and cycle.dispatched == 0:
                 p = self.pending()

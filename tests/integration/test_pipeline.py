@@ -258,7 +258,8 @@ def test_insert_wakes_the_poller_without_waiting_for_the_interval(db, smtp, conf
     try:
         wait_until(
             lambda: db.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN outbox_message'"
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN outbox_message' "
+                "AND datname = current_database()"
             ).fetchone()[0],
             what="the poller to LISTEN",
         )
