@@ -150,6 +150,9 @@ CREATE TABLE IF NOT EXISTS outbox.message (
     last_attempt_at  timestamptz,
     sent_at          timestamptz,
     size_bytes       integer,
+    -- The MIME message rendered once at enqueue (NULL for writers that bypass Python, or
+    -- large messages): workers send these bytes as they are.
+    content          bytea,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT message_status_valid CHECK (status IN (

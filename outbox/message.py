@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -82,6 +82,8 @@ MAX_RECIPIENTS = 500
 MAX_HEADER_CHARS = 998
 MAX_HEADER_VALUE_BYTES = 600
 MAX_ATTACHMENTS = 100
+# Rendered messages up to this size are stored with the row, so workers skip building them.
+MAX_STORED_CONTENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Draft:
     send_after: datetime | None = None
     message_id: str = ""
     size_bytes: int = 0
+    content: bytes | None = None  # rendered once here; the worker sends these bytes
 
 
 def check_line(value: str | None, what: str) -> None:
@@ -271,8 +274,9 @@ def prepare(
         send_after=send_after,
         message_id=new_message_id(sender),
     )
-    size = len(render(build(draft_fields(draft), files, date=None)))
-    return replace(draft, size_bytes=size)
+    content = render(build(draft_fields(draft), files, date=datetime.now(UTC)))
+    kept = content if len(content) <= MAX_STORED_CONTENT_BYTES else None
+    return replace(draft, size_bytes=len(content), content=kept)
 
 
 def draft_fields(d: Draft) -> dict[str, Any]:
@@ -296,6 +300,7 @@ def draft_fields(d: Draft) -> dict[str, Any]:
         "send_after": d.send_after,
         "message_id": d.message_id,
         "size_bytes": d.size_bytes,
+        "content": d.content,
     }
 
 

@@ -6,11 +6,11 @@ ins AS (
     INSERT INTO outbox.message (
         from_addr, from_name, to_addrs, cc_addrs, bcc_addrs, reply_to, subject, text_body,
         html_body, headers, importance, priority, system_generated, reference,
-        idempotency_key, send_after, message_id, size_bytes)
+        idempotency_key, send_after, message_id, size_bytes, content)
     SELECT %(from_addr)s, %(from_name)s, %(to_addrs)s, %(cc_addrs)s, %(bcc_addrs)s,
            %(reply_to)s, %(subject)s, %(text_body)s, %(html_body)s, %(headers)s,
            %(importance)s, %(priority)s, %(system_generated)s, %(reference)s,
-           %(idempotency_key)s, %(send_after)s, %(message_id)s, %(size_bytes)s
+           %(idempotency_key)s, %(send_after)s, %(message_id)s, %(size_bytes)s, %(content)s
       FROM limits
      WHERE %(size_bytes)s <= limits.max_message_bytes OR %(system_generated)s
     ON CONFLICT (idempotency_key) DO NOTHING

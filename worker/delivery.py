@@ -37,6 +37,8 @@ log = logs.get("outbox.worker")
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # Stop before DATA this long before the lease runs out (clock steps, slow writes).
 LEASE_MARGIN_SECONDS = 5.0
+# Settings and connectors are re-read at most this often (enable/disable, backoff state).
+CONFIG_TTL_SECONDS = 1.0
 
 
 def db_retry(seconds: float) -> AsyncRetrying:
@@ -72,6 +74,16 @@ class Batch:
     settled: dict[int, dict[str, str]]
 
 
+@dataclass
+class Result:
+    """One attempt's outcome, ready for `finish_attempt`."""
+
+    row: dict[str, Any]
+    params: dict[str, Any]
+    seconds: float = 0.0
+    smtp_code: int | None = None
+
+
 class Delivery:
     """One per worker process, living on Dramatiq's asyncio event loop."""
 
@@ -79,6 +91,9 @@ class Delivery:
         self.config = config
         self.pool = pool
         self.transport = Transport(local_hostname=config.local_hostname)
+        self._loaded_at = -CONFIG_TTL_SECONDS
+        self._settings = Settings()
+        self._connectors: list[Connector] = []
 
     @classmethod
     async def open(cls, config: Config) -> Delivery:
@@ -98,11 +113,24 @@ class Delivery:
         await self.pool.close()
 
     async def run(self, handed: Sequence[Sequence[Any]]) -> None:
-        """Deliver the rows of one broker message: [[id, dispatch_token], ...]."""
+        """Deliver the rows of one broker message: [[id, dispatch_token], ...]. The outcomes
+        are written together, in one round trip."""
         batch = await self._claim(handed)
         if batch is None:
             return
-        await asyncio.gather(*(self._deliver(row, batch) for row in batch.rows))
+        results = await asyncio.gather(*(self._deliver(row, batch) for row in batch.rows))
+        await self._write(results, batch.settings)
+
+    async def _config(self, cur: psycopg.AsyncCursor[Any]) -> tuple[Settings, list[Connector]]:
+        if time.monotonic() - self._loaded_at >= CONFIG_TTL_SECONDS:
+            self._settings = Settings.model_validate(
+                await (await cur.execute(Q["settings"])).fetchone() or {}
+            )
+            self._connectors = [
+                Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
+            ]
+            self._loaded_at = time.monotonic()
+        return self._settings, self._connectors
 
     async def _claim(self, handed: Sequence[Sequence[Any]]) -> Batch | None:
         ids = [int(i) for i, _ in handed]
@@ -110,47 +138,45 @@ class Delivery:
         async for attempt in db_retry(60):
             with attempt:
                 async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-                    settings = Settings.model_validate(
-                        await (await cur.execute(Q["settings"])).fetchone() or {}
-                    )
-                    async with conn.transaction():
+                    settings, connectors = await self._config(cur)
+                    # lock (waits for the poller's commit), claim, commit: one round trip
+                    async with conn.pipeline(), conn.transaction():
                         await cur.execute(Q["lock_batch"], {"ids": ids})
                         await cur.execute(
                             Q["start_sending"],
-                            {
-                                "ids": ids,
-                                "tokens": tokens,
-                                "lease_seconds": settings.lease_seconds,
-                            },
+                            {"ids": ids, "tokens": tokens, "lease_seconds": settings.lease_seconds},
                         )
-                        rows = await cur.fetchall()
-                    if not rows:
-                        metrics.STALE_DELIVERIES.inc(len(ids))
-                        return None
+                    rows = await cur.fetchall()
                     metrics.STALE_DELIVERIES.inc(len(ids) - len(rows))
-                    connectors = [
-                        Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
-                    ]
-                    claimed = [r["id"] for r in rows]
-                    attachments: dict[int, list[Attachment]] = {}
-                    if any(r["has_attachments"] for r in rows):
-                        await cur.execute(Q["attachments_of"], {"ids": claimed})
-                        for a in await cur.fetchall():
-                            attachments.setdefault(a["message_id"], []).append(
-                                Attachment(
-                                    filename=a["filename"],
-                                    content=bytes(a["content"]),
-                                    content_type=a["content_type"],
-                                )
-                            )
-                    settled: dict[int, dict[str, str]] = {}
-                    if any(r["attempts"] > 1 for r in rows):
-                        await cur.execute(Q["finished_recipients_of"], {"ids": claimed})
-                        for s in await cur.fetchall():
-                            settled.setdefault(s["message_id"], {})[s["addr"].lower()] = s["status"]
+                    if not rows:
+                        return None
+                    attachments, settled = await self._extras(cur, rows)
         return Batch(rows, connectors, settings, attachments, settled)
 
-    async def _deliver(self, row: dict[str, Any], batch: Batch) -> None:
+    @staticmethod
+    async def _extras(
+        cur: psycopg.AsyncCursor[Any], rows: list[dict[str, Any]]
+    ) -> tuple[dict[int, list[Attachment]], dict[int, dict[str, str]]]:
+        """Attachments of messages that must be built here, and recipients settled before."""
+        attachments: dict[int, list[Attachment]] = {}
+        build_here = [r["id"] for r in rows if r["content"] is None and r["has_attachments"]]
+        if build_here:
+            await cur.execute(Q["attachments_of"], {"ids": build_here})
+            for a in await cur.fetchall():
+                attachments.setdefault(a["message_id"], []).append(
+                    Attachment(
+                        filename=a["filename"], content=bytes(a["content"]), content_type=a["content_type"]
+                    )
+                )
+        settled: dict[int, dict[str, str]] = {}
+        retried = [r["id"] for r in rows if r["attempts"] > 1]
+        if retried:
+            await cur.execute(Q["finished_recipients_of"], {"ids": retried})
+            for s in await cur.fetchall():
+                settled.setdefault(s["message_id"], {})[s["addr"].lower()] = s["status"]
+        return attachments, settled
+
+    async def _deliver(self, row: dict[str, Any], batch: Batch) -> Result:
         started = datetime.now(UTC)
         # The lease as this process sees it: past it, another worker may own the row.
         lease = batch.settings.lease_seconds
@@ -158,9 +184,7 @@ class Delivery:
         settings = batch.settings
         route = resolve(row["from_addr"], batch.connectors)
         if route.action != "send":
-            await self._finish_unrouted(row, route, started, settings)
-            log.info("not routed", message=row["id"], action=route.action, reason=route.reason)
-            return
+            return self._unrouted(row, route, started)
         connector = route.connector
         assert connector is not None
         settled = batch.settled.get(row["id"], {})
@@ -173,12 +197,14 @@ class Delivery:
             )
             outcome.verdicts = dict.fromkeys(recipients, Verdict.TRANSIENT)
         elif recipients:
-            content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
+            content = row["content"]
+            if content is None:  # inserted by SQL, or too large to keep: build it now
+                content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
             pool = self.transport.pool(connector, timeout=settings.smtp_timeout_seconds)
             outcome = await pool.send(
                 row["from_addr"],
                 recipients,
-                content,
+                bytes(content),
                 before_data=lambda: self._before_data(row, deadline, settings),
             )
         else:  # every recipient was settled by earlier attempts
@@ -201,18 +227,7 @@ class Delivery:
             connector_problem=connector_problem,
             connector_retry_at=retry_at,
         )
-        await self._finish_sent(row, connector, outcome, decision, started, settings)
-        metrics.observe_send(connector.name, decision.status, outcome.code, outcome.seconds)
-        log.info(
-            "attempt finished",
-            message=row["id"],
-            attempt=row["attempts"],
-            connector=connector.name,
-            status=decision.status,
-            phase=outcome.phase,
-            smtp_code=outcome.code,
-            error=decision.last_error,
-        )
+        return self._sent(row, connector, outcome, decision, started)
 
     async def _before_data(self, row: dict[str, Any], deadline: float, settings: Settings) -> bool:
         """Still ours? Checked before any content goes out. With ambiguous-policy `hold` the
@@ -241,6 +256,7 @@ class Delivery:
                         },
                     )
                     row = await cur.fetchone()
+        self._loaded_at = -CONFIG_TTL_SECONDS  # other batches see the backoff at once
         log.warning(
             "connector failing; backing off",
             connector=connector.name,
@@ -252,15 +268,14 @@ class Delivery:
     async def _connector_recovered(self, connector: Connector) -> None:
         async with self.pool.connection() as conn:
             await conn.execute(Q["connector_recovered"], {"id": connector.id})
+        self._loaded_at = -CONFIG_TTL_SECONDS
         log.info("connector recovered", connector=connector.name)
 
-    async def _finish_unrouted(
-        self, row: dict[str, Any], route: Route, started: datetime, settings: Settings
-    ) -> None:
+    @staticmethod
+    def _unrouted(row: dict[str, Any], route: Route, started: datetime) -> Result:
         held = route.action == "hold"
-        await self._write(
+        return _result(
             row,
-            settings,
             {
                 "status": "held" if held else "failed",
                 "refund": 1 if held else 0,  # a disabled connector spends no attempt
@@ -278,18 +293,12 @@ class Delivery:
             {},
         )
 
-    async def _finish_sent(
-        self,
-        row: dict[str, Any],
-        connector: Connector,
-        outcome: Outcome,
-        decision: Decision,
-        started: datetime,
-        settings: Settings,
-    ) -> None:
-        await self._write(
+    @staticmethod
+    def _sent(
+        row: dict[str, Any], connector: Connector, outcome: Outcome, decision: Decision, started: datetime
+    ) -> Result:
+        result = _result(
             row,
-            settings,
             {
                 "status": decision.status,
                 "refund": 1 if decision.refund else 0,
@@ -306,36 +315,57 @@ class Delivery:
             },
             {a: (s, *outcome.replies.get(a, (None, None))) for a, s in decision.recipients.items()},
         )
+        result.seconds, result.smtp_code = outcome.seconds, outcome.code
+        return result
 
-    async def _write(
-        self,
-        row: dict[str, Any],
-        settings: Settings,
-        params: dict[str, Any],
-        recipients: Mapping[str, tuple[str, int | None, str | None]],
-    ) -> None:
-        params |= {
-            "id": row["id"],
-            "lease_token": row["lease_token"],
-            "r_addrs": list(recipients),
-            "r_status": [r[0] for r in recipients.values()],
-            "r_codes": [r[1] for r in recipients.values()],
-            "r_replies": [r[2] for r in recipients.values()],
-        }
-        # A result that cannot be written is retried, never forgotten; past the lease the
-        # row is re-dispatched by the poller anyway.
+    async def _write(self, results: Sequence[Result], settings: Settings) -> None:
+        """Write every outcome of the batch in one round trip, each only while this worker
+        still holds that row's lease. A result that cannot be written is retried, never
+        forgotten; past the lease the row is re-dispatched by the poller anyway."""
+        written: list[int] = []
         async for attempt in db_retry(settings.lease_seconds):
             with attempt:
-                async with self.pool.connection() as conn:
-                    cur = await conn.execute(Q["finish_attempt"], params)
-                    written = (await cur.fetchone() or (0,))[0]
-        if not written:
-            metrics.STALE_DELIVERIES.inc()
-            log.warning(
-                "lease lost before the outcome was written; row left to its new owner",
-                message=row["id"],
-                status=params["status"],
-            )
+                written = []
+                async with self.pool.connection() as conn, conn.cursor() as cur:
+                    await cur.executemany(Q["finish_attempt"], [r.params for r in results], returning=True)
+                    async for _ in cur.results():
+                        written.append(((await cur.fetchone()) or (0,))[0])
+        for r, ok in zip(results, written, strict=True):
+            p = r.params
+            if p["connector_name"] is not None and p["outcome"] != "held":
+                metrics.observe_send(p["connector_name"], p["status"], r.smtp_code, r.seconds)
+            if not ok:
+                metrics.STALE_DELIVERIES.inc()
+                log.warning(
+                    "lease lost before the outcome was written; row left to its new owner",
+                    message=p["id"],
+                    status=p["status"],
+                )
+            else:
+                log.info(
+                    "attempt finished",
+                    message=p["id"],
+                    attempt=r.row["attempts"],
+                    connector=p["connector_name"],
+                    status=p["status"],
+                    phase=p["phase"],
+                    smtp_code=p["smtp_code"],
+                    error=p["last_error"],
+                )
+
+
+def _result(
+    row: dict[str, Any], params: dict[str, Any], recipients: Mapping[str, tuple[str, int | None, str | None]]
+) -> Result:
+    params |= {
+        "id": row["id"],
+        "lease_token": row["lease_token"],
+        "r_addrs": list(recipients),
+        "r_status": [r[0] for r in recipients.values()],
+        "r_codes": [r[1] for r in recipients.values()],
+        "r_replies": [r[2] for r in recipients.values()],
+    }
+    return Result(row, params)
 
 
 def _reply(outcome: Outcome, addr: str) -> str:

@@ -30,6 +30,8 @@ from worker import metrics
 Q = queries("worker")
 log = logs.get("outbox.poller")
 CHANNEL = "outbox_message"
+# Lease reaping, held-row release and settings reload happen at most this often.
+MAINTENANCE_SECONDS = 1.0
 
 # Postgres down, Redis down: back off and carry on.
 INFRA_ERRORS = (
@@ -68,6 +70,8 @@ class Poller:
         self._conn: psycopg.Connection[Any] | None = None
         self._listen: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
+        self._maintained_at = -MAINTENANCE_SECONDS
+        self._settings = Settings()
 
     # -- one cycle -------------------------------------------------------------------------
 
@@ -77,15 +81,25 @@ class Poller:
         return self._conn
 
     def run_once(self) -> Cycle:
-        """Reap expired leases, release held rows, dispatch everything due. Returns counts."""
+        """Dispatch everything due; at most once a second first reap expired leases and release
+        held rows (a wake-up per insert stays one query). Returns counts."""
         conn = self._connection()
+        cycle = Cycle()
+        if time.monotonic() - self._maintained_at >= MAINTENANCE_SECONDS:
+            self._maintain(conn, cycle)
+        while True:
+            n = self._dispatch(conn, self._settings)
+            cycle.dispatched += n
+            if n < self.config.claim_batch:
+                return cycle
+
+    def _maintain(self, conn: psycopg.Connection[Any], cycle: Cycle) -> None:
         with conn.cursor(row_factory=dict_row) as cur:
-            settings = Settings.model_validate(cur.execute(Q["settings"]).fetchone() or {})
+            settings = self._settings = Settings.model_validate(cur.execute(Q["settings"]).fetchone() or {})
             reaped = cur.execute(
                 Q["reap_expired"],
                 {"max_attempts": settings.max_attempts, "ambiguous_policy": settings.ambiguous_policy},
             ).fetchone()
-        cycle = Cycle()
         if reaped:
             cycle.expired = reaped["dispatched"] + reaped["sending"]
             metrics.LEASES_EXPIRED.labels("dispatched").inc(reaped["dispatched"])
@@ -98,11 +112,7 @@ class Poller:
                     failed=reaped["failed"],
                 )
         cycle.released = conn.execute(Q["release_held"]).rowcount
-        while True:
-            n = self._dispatch(conn, settings)
-            cycle.dispatched += n
-            if n < self.config.claim_batch:
-                return cycle
+        self._maintained_at = time.monotonic()
 
     def _dispatch(self, conn: psycopg.Connection[Any], settings: Settings) -> int:
         """Claim one batch and enqueue it; the claim commits only once Redis has it all."""

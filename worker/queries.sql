@@ -89,7 +89,7 @@ UPDATE outbox.message m
  WHERE m.id = d.id AND m.status = 'dispatched' AND m.lease_token = d.token
 RETURNING m.id, m.from_addr, m.from_name, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
           m.subject, m.text_body, m.html_body, m.headers, m.importance, m.message_id,
-          m.attempts, m.created_at, m.lease_token, m.system_generated,
+          m.attempts, m.created_at, m.lease_token, m.system_generated, m.content,
           EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments;
 
 -- attachments_of --
