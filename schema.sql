@@ -46,12 +46,6 @@ CREATE TABLE IF NOT EXISTS outbox.connector (
     is_default_gateway boolean NOT NULL DEFAULT false,
     max_connections    integer NOT NULL DEFAULT 4,
     timeout_seconds    double precision NOT NULL DEFAULT 60,
-    -- Connector health: failures before MAIL (connect, TLS, AUTH) back the connector off
-    -- instead of spending every queued message's attempts.
-    failures           integer NOT NULL DEFAULT 0,
-    backoff_until      timestamptz,
-    last_error         text,
-    last_error_at      timestamptz,
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT connector_name_valid CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$'),
@@ -96,7 +90,6 @@ CREATE TABLE IF NOT EXISTS outbox.settings (
     lease_seconds        double precision NOT NULL DEFAULT 300,
     max_message_bytes    bigint NOT NULL DEFAULT 26214400,
     smtp_timeout_seconds double precision NOT NULL DEFAULT 60,
-    ambiguous_policy     text NOT NULL DEFAULT 'retry',
     additional_bcc       text[] NOT NULL DEFAULT '{}',
     override_to          text[] NOT NULL DEFAULT '{}',
     override_cc          text[] NOT NULL DEFAULT '{}',
@@ -109,7 +102,6 @@ CREATE TABLE IF NOT EXISTS outbox.settings (
     CONSTRAINT settings_lease_positive CHECK (lease_seconds > 0),
     CONSTRAINT settings_max_message_bytes_range CHECK (max_message_bytes BETWEEN 1024 AND 104857600),
     CONSTRAINT settings_smtp_timeout_positive CHECK (smtp_timeout_seconds > 0),
-    CONSTRAINT settings_ambiguous_policy_valid CHECK (ambiguous_policy IN ('retry', 'hold')),
     CONSTRAINT settings_single_line CHECK (
         outbox.single_line(unmonitored_address) AND outbox.single_line(additional_bcc)
         AND outbox.single_line(override_to) AND outbox.single_line(override_cc)
@@ -150,9 +142,6 @@ CREATE TABLE IF NOT EXISTS outbox.message (
     last_attempt_at  timestamptz,
     sent_at          timestamptz,
     size_bytes       integer,
-    -- The MIME message rendered once at enqueue (NULL for writers that bypass Python, or
-    -- large messages): workers send these bytes as they are.
-    content          bytea,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT message_status_valid CHECK (status IN (
@@ -228,6 +217,30 @@ CREATE TABLE IF NOT EXISTS outbox.recipient (
     PRIMARY KEY (message_id, addr),
     CONSTRAINT recipient_status_valid CHECK (status IN ('sent', 'failed', 'deferred', 'ambiguous'))
 );
+
+-- Columns added after the first release of this schema. ADD COLUMN IF NOT EXISTS brings an
+-- existing database up to date; a fresh one gets them here too.
+
+-- Connector health: failures before MAIL (connect, TLS, AUTH) back the connector off instead
+-- of spending every queued message's attempts.
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS failures integer NOT NULL DEFAULT 0;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS backoff_until timestamptz;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS last_error text;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS last_error_at timestamptz;
+
+-- After a connection lost past the final dot: 'retry' (same Message-ID) or 'hold'.
+ALTER TABLE outbox.settings ADD COLUMN IF NOT EXISTS ambiguous_policy text NOT NULL DEFAULT 'retry';
+DO $$
+BEGIN
+    ALTER TABLE outbox.settings ADD CONSTRAINT settings_ambiguous_policy_valid
+        CHECK (ambiguous_policy IN ('retry', 'hold'));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$$;
+
+-- The MIME message rendered once at enqueue (NULL for writers that bypass Python, or large
+-- messages): workers send these bytes as they are.
+ALTER TABLE outbox.message ADD COLUMN IF NOT EXISTS content bytea;
 
 -- Fill Message-ID and the first due time for writers that only give the minimal columns.
 CREATE OR REPLACE FUNCTION outbox.message_before_insert() RETURNS trigger
@@ -356,8 +369,12 @@ SELECT m.id,
   LEFT JOIN outbox.connector c ON c.id = m.connector_id
  WHERE m.status IN ('sent', 'partial');
 
--- Per outbound connector: attempts sent and failed over the last hour, the last success and
--- the last error, and what waits for it (held, pending retry).
+-- Per outbound connector over the last hour: attempts that delivered to every recipient
+-- (`sent_last_hour`) and every other attempt (`failed_last_hour`: partial, failed, retry,
+-- ambiguous, lost lease; as `outbox status` counts them). Also the last success (something
+-- was accepted), the last error, what waits for the connector (held, pending retry), and
+-- whether the workers are backing it off. (New columns go at the end: CREATE OR REPLACE VIEW
+-- cannot reorder the columns of a view that exists already.)
 CREATE OR REPLACE VIEW outbox.connector_health AS
 SELECT c.id AS connector_id,
        c.name AS connector,
@@ -374,10 +391,16 @@ SELECT c.id AS connector_id,
        (SELECT count(*) FROM outbox.message m
          WHERE m.connector_id = c.id AND m.status = 'held') AS held,
        (SELECT count(*) FROM outbox.message m
-         WHERE m.connector_id = c.id AND m.status = 'retry') AS pending_retry
+         WHERE m.connector_id = c.id AND m.status = 'retry') AS pending_retry,
+       -- the worker's own view of the connector: failures before MAIL (connect, TLS, AUTH)
+       -- back it off without spending the messages' attempts
+       c.failures AS consecutive_failures,
+       c.backoff_until,
+       c.last_error AS connector_error,
+       c.last_error_at AS connector_error_at
   FROM outbox.connector c
   LEFT JOIN LATERAL (
-      SELECT count(*) FILTER (WHERE a.outcome IN ('sent', 'partial')) AS sent,
+      SELECT count(*) FILTER (WHERE a.outcome = 'sent') AS sent,
              count(*) FILTER (WHERE a.outcome NOT IN ('sent', 'held')) AS failed
         FROM outbox.attempt a
        WHERE a.connector_id = c.id AND a.finished_at > now() - interval '1 hour') h ON true

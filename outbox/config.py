@@ -19,6 +19,10 @@ class Config(BaseSettings):
     redis_namespace: str = "outbox"
     queue: str = "outbox"
     metrics_port: int | None = None
+    # 0.0.0.0 lets Prometheus in another container scrape it; the default keeps it local.
+    metrics_host: str = "127.0.0.1"
+    # How often the poller refreshes the messages-by-status and queue-lag gauges.
+    metrics_refresh_seconds: float = Field(10.0, gt=0)
     worker_threads: int = Field(8, ge=1, le=256)
     worker_processes: int = Field(1, ge=1, le=64)
     poll_interval_seconds: float = Field(1.0, gt=0)

@@ -115,3 +115,150 @@ SELECT attempt, connector_name, started_at, finished_at, phase, outcome, smtp_co
 -- Per-recipient results of one message.
 SELECT addr, status, smtp_code, smtp_reply, updated_at
   FROM outbox.recipient WHERE message_id = %(id)s ORDER BY addr;
+
+-- select_messages --
+-- Messages an operator action would look at: by id and/or filter. A NULL parameter does not
+-- filter. Times (--since/--until) are when the message was last attempted, or created when
+-- it never was.
+SELECT m.id, m.status, c.name AS connector, m.from_addr, m.to_addrs, m.subject, m.attempts,
+       m.replays, m.last_error, m.send_after, m.next_attempt_at, m.last_attempt_at,
+       m.created_at, m.updated_at
+  FROM outbox.message m LEFT JOIN outbox.connector c ON c.id = m.connector_id
+ WHERE (%(ids)s::bigint[] IS NULL OR m.id = ANY(%(ids)s::bigint[]))
+   AND (%(statuses)s::text[] IS NULL OR m.status = ANY(%(statuses)s::text[]))
+   AND (%(connector)s::text IS NULL OR c.name = %(connector)s::text)
+   AND (%(from_addr)s::text IS NULL OR lower(m.from_addr) = lower(%(from_addr)s::text))
+   AND (%(since)s::timestamptz IS NULL
+        OR coalesce(m.last_attempt_at, m.created_at) >= %(since)s::timestamptz)
+   AND (%(until)s::timestamptz IS NULL
+        OR coalesce(m.last_attempt_at, m.created_at) < %(until)s::timestamptz)
+   AND (%(error_contains)s::text IS NULL
+        OR strpos(lower(coalesce(m.last_error, '')), lower(%(error_contains)s::text)) > 0)
+ ORDER BY m.id;
+
+-- existing_messages --
+-- Which of these ids exist, with their status.
+SELECT id, status FROM outbox.message WHERE id = ANY(%(ids)s::bigint[]);
+
+-- db_now --
+-- The database's clock (cutoffs are computed on it, not on the client's).
+SELECT now();
+
+-- replay_messages --
+-- Requeue finished messages for a fresh round of automatic retries, keeping the Message-ID
+-- and the attempt history. Only rows still in one of `statuses` are touched (a second,
+-- identical replay finds them queued and changes nothing). Recipients that accepted the
+-- message are kept, so they never get a second copy, except for a `sent` message (only
+-- replayed with --force), which goes to everyone again; refused and pending recipients are
+-- forgotten so they are tried again. The attempt counter restarts at 0: a fresh round of
+-- automatic retries (and the maximum age counts from the replay).
+WITH target AS MATERIALIZED (
+    SELECT id, status FROM outbox.message
+     WHERE id = ANY(%(ids)s::bigint[]) AND status = ANY(%(statuses)s::text[])
+     ORDER BY id
+       FOR UPDATE),
+cleared AS (
+    DELETE FROM outbox.recipient r USING target t
+     WHERE r.message_id = t.id AND (t.status = 'sent' OR r.status <> 'sent')
+    RETURNING r.message_id),
+replayed AS (
+    UPDATE outbox.message m
+       SET status = 'queued',
+           attempts = 0,
+           next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL, phase = NULL,
+           last_error = NULL, last_smtp_code = NULL, last_smtp_reply = NULL,
+           first_failed_at = NULL, sent_at = NULL,
+           replays = m.replays + 1, replayed_at = now(), updated_at = now()
+      FROM target t
+     WHERE m.id = t.id
+    RETURNING m.id, t.status AS was)
+SELECT id, was, (SELECT count(*) FROM cleared c WHERE c.message_id = replayed.id) AS recipients_reset
+  FROM replayed ORDER BY id;
+
+-- cancel_messages --
+-- Cancel messages not sent yet, only if still in one of `statuses`. A `dispatched` row may be
+-- cancelled: its worker claims it only while it is still dispatched under its token, so
+-- nothing is sent. A `sending` row is never in `statuses`: the SMTP server may have it.
+WITH target AS MATERIALIZED (
+    SELECT id, status FROM outbox.message
+     WHERE id = ANY(%(ids)s::bigint[]) AND status = ANY(%(statuses)s::text[])
+     ORDER BY id
+       FOR UPDATE)
+UPDATE outbox.message m
+   SET status = 'cancelled', lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM target t
+ WHERE m.id = t.id
+RETURNING m.id, t.status AS was;
+
+-- send_now --
+-- Make waiting messages (scheduled or pending retry) due at once; a future send time moves
+-- to now.
+WITH target AS MATERIALIZED (
+    SELECT id, status, send_after, next_attempt_at FROM outbox.message
+     WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('queued', 'retry')
+     ORDER BY id
+       FOR UPDATE)
+UPDATE outbox.message m
+   SET next_attempt_at = least(m.next_attempt_at, now()),
+       send_after = CASE WHEN m.send_after > now() THEN now() ELSE m.send_after END,
+       updated_at = now()
+  FROM target t
+ WHERE m.id = t.id
+RETURNING m.id, t.status AS was, t.send_after AS was_send_after, t.next_attempt_at AS was_due;
+
+-- wake_pollers --
+-- Wake every poller at once (delivered at commit).
+SELECT pg_notify('outbox_message', '');
+
+-- insert_operator_audit --
+-- Record an operator action.
+INSERT INTO outbox.operator_audit (action, actor, selection, count, message_ids, detail)
+VALUES (%(action)s, %(actor)s, %(selection)s, %(count)s, %(message_ids)s, %(detail)s)
+RETURNING id;
+
+-- prune_count --
+-- What `prune` would delete: finished messages last changed before the cutoff, with their
+-- attempts, recipient results and attachments.
+WITH doomed AS MATERIALIZED (
+    SELECT id FROM outbox.message
+     WHERE status IN ('sent', 'partial', 'failed', 'cancelled') AND updated_at < %(cutoff)s)
+SELECT (SELECT count(*) FROM doomed) AS messages,
+       (SELECT count(*) FROM outbox.attempt a WHERE a.message_id IN (SELECT id FROM doomed)) AS attempts,
+       (SELECT count(*) FROM outbox.recipient r WHERE r.message_id IN (SELECT id FROM doomed)) AS recipients,
+       (SELECT count(*) FROM outbox.attachment x WHERE x.message_id IN (SELECT id FROM doomed))
+           AS attachments;
+
+-- prune_batch --
+-- Delete one batch of finished messages and their history (short transaction; rows locked
+-- by someone else are left for the next run).
+WITH doomed AS MATERIALIZED (
+    SELECT id FROM outbox.message
+     WHERE status IN ('sent', 'partial', 'failed', 'cancelled') AND updated_at < %(cutoff)s
+     ORDER BY updated_at
+     LIMIT %(batch)s
+       FOR UPDATE SKIP LOCKED),
+attempts AS (
+    DELETE FROM outbox.attempt a USING doomed d WHERE a.message_id = d.id RETURNING 1),
+recipients AS (
+    DELETE FROM outbox.recipient r USING doomed d WHERE r.message_id = d.id RETURNING 1),
+attachments AS (
+    DELETE FROM outbox.attachment x USING doomed d WHERE x.message_id = d.id RETURNING 1),
+messages AS (
+    DELETE FROM outbox.message m USING doomed d WHERE m.id = d.id RETURNING 1)
+SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM attempts) AS attempts,
+       (SELECT count(*) FROM recipients) AS recipients,
+       (SELECT count(*) FROM attachments) AS attachments;
+
+-- attempts_last_hour --
+-- Attempts per connector and outcome over the last hour.
+SELECT coalesce(a.connector_name, c.name) AS connector, a.outcome, count(*) AS n
+  FROM outbox.attempt a LEFT JOIN outbox.connector c ON c.id = a.connector_id
+ WHERE a.finished_at > now() - interval '1 hour'
+ GROUP BY 1, 2 ORDER BY 1 NULLS FIRST, 2;
+
+-- status_gauges --
+-- Messages per status and the age of the oldest due message, in one scan (metrics).
+SELECT status, count(*) AS n,
+       extract(epoch FROM now() - min(next_attempt_at)
+               FILTER (WHERE status IN ('queued', 'retry') AND next_attempt_at <= now())) AS lag_seconds
+  FROM outbox.message GROUP BY status;

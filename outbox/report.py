@@ -34,6 +34,7 @@ def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         for r in cur.execute(Q["status_by_connector"]):
             by_connector.setdefault(r["connector"] or "(not routed yet)", {})[r["status"]] = r["n"]
         lag = cur.execute(Q["queue_lag"]).fetchone() or {}
+        last_hour = _last_hour(cur.execute(Q["attempts_last_hour"]).fetchall())
     settings = runtime_settings.load(conn)
     warnings = []
     if settings.overrides_active:
@@ -43,13 +44,35 @@ def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         "by_connector": by_connector,
         "due_now": lag.get("due", 0),
         "lag_seconds": float(lag["lag_seconds"]) if lag.get("lag_seconds") is not None else 0.0,
+        "last_hour": last_hour,
         "warnings": warnings,
     }
+
+
+# Attempt outcomes over the last hour: `sent` counts deliveries (every recipient accepted);
+# `failures` counts every other finished attempt (partial, failed, retry, ambiguous, lost
+# lease). `held` is not an attempt (nothing was sent; no attempt was spent).
+def _last_hour(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"sent": 0, "failures": 0, "by_outcome": {}, "by_connector": {}}
+    for r in rows:
+        if r["outcome"] == "held":
+            continue
+        kind = "sent" if r["outcome"] == "sent" else "failures"
+        out[kind] += r["n"]
+        out["by_outcome"][r["outcome"]] = out["by_outcome"].get(r["outcome"], 0) + r["n"]
+        per = out["by_connector"].setdefault(r["connector"] or "(no connector)", {"sent": 0, "failures": 0})
+        per[kind] += r["n"]
+    return out
 
 
 def render_status(data: dict[str, Any]) -> str:
     lines = [f"{s:<11} {n}" for s, n in data["counts"].items()]
     lines.append(f"due now     {data['due_now']} (oldest waiting {data['lag_seconds']:.1f}s)")
+    hour = data.get("last_hour")
+    if hour is not None:
+        lines.append(f"last hour   {hour['sent']} sent, {hour['failures']} failures")
+        for name, n in hour["by_connector"].items():
+            lines.append(f"  {name}: {n['sent']} sent, {n['failures']} failures")
     if data["by_connector"]:
         lines.append("")
         lines.append("by connector:")
@@ -99,6 +122,8 @@ def render_show(m: dict[str, Any]) -> str:
         lines.append(f"  Next try    {m['next_attempt_at']:%Y-%m-%d %H:%M:%S%z}")
     if m["last_error"]:
         lines.append(f"  Last error  {m['last_error']}")
+    if m.get("replays"):
+        lines.append(f"  Replayed    {m['replays']}x, last {m['replayed_at']:%Y-%m-%d %H:%M:%S%z}")
     if m["recipients"]:
         lines.append("recipients:")
         for r in m["recipients"]:

@@ -169,7 +169,7 @@ class Delivery:
                     )
                 )
         settled: dict[int, dict[str, str]] = {}
-        retried = [r["id"] for r in rows if r["attempts"] > 1]
+        retried = [r["id"] for r in rows if r["attempts"] > 1 or r["replays"]]
         if retried:
             await cur.execute(Q["finished_recipients_of"], {"ids": retried})
             for s in await cur.fetchall():
@@ -219,7 +219,7 @@ class Delivery:
             verdicts=outcome.verdicts,
             settled=settled,
             attempts=row["attempts"],
-            created_at=row["created_at"],
+            created_at=row["round_started_at"],  # a replay starts a fresh round
             now=datetime.now(UTC),
             settings=settings,
             summary=outcome.summary,

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+import time
+from typing import Any
+
+import psycopg
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from outbox.report import STATUSES
+from outbox.sql import queries
 
 SENDS = Counter(
     "outbox_sends_total",
@@ -23,13 +30,49 @@ STALE_DELIVERIES = Counter(
 )
 
 
+RETRIES = Counter(
+    "outbox_retries_total",
+    "Attempts that ended in an automatic retry being scheduled",
+    ["connector"],
+)
+# Refreshed by the poller (at most every `metrics_refresh_seconds`) from one GROUP BY query.
+MESSAGES = Gauge("outbox_messages", "Messages in the outbox by status", ["status"])
+QUEUE_LAG = Gauge("outbox_queue_lag_seconds", "Age of the oldest due message (0 when none is due)")
+
+_serving = False
+_last_refresh = 0.0
+
+
 def observe_send(connector: str, status: str, code: int | None, seconds: float) -> None:
     SENDS.labels(connector, status).inc()
+    if status == "retry":
+        RETRIES.labels(connector).inc()
     SMTP_REPLIES.labels(str(code) if code is not None else "none").inc()
     SEND_SECONDS.observe(seconds)
 
 
-def serve(port: int | None) -> None:
-    """Serve /metrics on 127.0.0.1:port (no endpoint when port is None)."""
+def serve(port: int | None, host: str = "127.0.0.1") -> None:
+    """Serve /metrics on host:port (no endpoint when port is None)."""
+    global _serving
     if port is not None:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)
+        _serving = True
+
+
+def refresh_gauges(conn: psycopg.Connection[Any], every: float = 10.0) -> None:
+    """Messages by status and the queue lag, at most once per `every` seconds, and only
+    when this process serves metrics (one GROUP BY over outbox.message)."""
+    global _last_refresh
+    now = time.monotonic()
+    if not _serving or now - _last_refresh < every:
+        return
+    _last_refresh = now
+    counts = dict.fromkeys(STATUSES, 0)
+    lag = 0.0
+    for status, n, lag_seconds in conn.execute(queries("outbox")["status_gauges"]).fetchall():
+        counts[status] = n
+        if lag_seconds is not None:
+            lag = max(lag, float(lag_seconds))
+    for status, n in counts.items():
+        MESSAGES.labels(status).set(n)
+    QUEUE_LAG.set(lag)

@@ -112,6 +112,7 @@ class Poller:
                     failed=reaped["failed"],
                 )
         cycle.released = conn.execute(Q["release_held"]).rowcount
+        metrics.refresh_gauges(conn, self.config.metrics_refresh_seconds)
         self._maintained_at = time.monotonic()
 
     def _dispatch(self, conn: psycopg.Connection[Any], settings: Settings) -> int:

@@ -96,7 +96,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 def run_all_workers(config: Config, stop: threading.Event) -> None:
     """`config.worker_processes` worker processes: this one and children."""
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, config.metrics_host)
     children = _spawn_workers(config, config.worker_processes - 1)
     try:
         run_worker(config, stop)
@@ -106,7 +106,7 @@ def run_all_workers(config: Config, stop: threading.Event) -> None:
 
 def run_all(config: Config, stop: threading.Event, *, until_idle: bool = False) -> None:
     """Poller and workers for one machine: one worker in this process, more as children."""
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, config.metrics_host)
     children = _spawn_workers(config, config.worker_processes - 1)
     worker = WorkerProcess(config)
     worker.start()

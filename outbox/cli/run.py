@@ -49,7 +49,15 @@ def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
             show_envvar=True,
             type=int,
             default=None,
-            help="Serve Prometheus metrics on 127.0.0.1:PORT.",
+            help="Serve Prometheus metrics on METRICS_HOST:PORT.",
+        ),
+        click.option(
+            "--metrics-host",
+            envvar="OUTBOX_METRICS_HOST",
+            show_envvar=True,
+            default=Config.model_fields["metrics_host"].default,
+            show_default=True,
+            help="Address the metrics endpoint listens on (0.0.0.0 for a Prometheus elsewhere).",
         ),
     ]
     for option in reversed(options):
@@ -112,7 +120,7 @@ def poll(**flags: Any) -> None:
     config = _config(**flags)
     stop = threading.Event()
     install_signal_handlers(stop)
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port, config.metrics_host)
     run_poller(config, stop)
 
 

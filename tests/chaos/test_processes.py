@@ -21,11 +21,12 @@ def report(name: str, tallies: dict[str, int]) -> None:
 
 
 def test_worker_sigkill_mid_batch(chaos: Chaos):
-    chaos.server.recorder.data_delay = 0.003
+    chaos.server.recorder.data_delay = 0.02
     chaos.enqueue(1000)
     chaos.poller()
     first = chaos.worker(threads=8)
     chaos.wait_sent(200)
+    assert chaos.count("sent") < 900, "the kill must land mid-run"
     first.kill()
     chaos.worker(threads=8)
     chaos.wait_final()
@@ -64,6 +65,7 @@ def test_sigterm_mid_batch_finishes_in_flight_and_loses_nothing(chaos: Chaos):
     chaos.poller()
     first = chaos.worker(threads=4)
     chaos.wait_sent(50)
+    assert chaos.count("sent") < 250, "SIGTERM must land mid-run"
     assert first.terminate(timeout=60) == 0, first.output()
     in_flight = chaos.count("sending")
     assert in_flight == 0, "SIGTERM left rows mid-send"
@@ -78,11 +80,12 @@ def test_redis_killed_and_restarted_empty(chaos_factory, database_url, smtp):
     redis_server = RedisInstance()
     try:
         chaos = chaos_factory(database_url, redis_server.url, smtp)
-        smtp.recorder.data_delay = 0.002
+        smtp.recorder.data_delay = 0.02
         chaos.enqueue(500)
         chaos.poller()
         chaos.worker(threads=8)
         chaos.wait_sent(100)
+        assert chaos.count("sent") < 450, "Redis must die mid-run"
         redis_server.kill()
         time.sleep(0.5)  # the outage itself: poller and workers see Redis gone
         redis_server.start()  # same port, nothing in it
@@ -104,7 +107,7 @@ def test_postgres_connections_terminated_and_server_restarted(chaos_factory, smt
         url = pg.database_url("chaos")
         init_schema(url)
         chaos = chaos_factory(url, REDIS_URL, smtp)
-        smtp.recorder.data_delay = 0.002
+        smtp.recorder.data_delay = 0.02
         chaos.enqueue(600)
         chaos.poller()
         chaos.worker(threads=8)
@@ -116,6 +119,7 @@ def test_postgres_connections_terminated_and_server_restarted(chaos_factory, smt
             ).fetchone()[0]
         assert killed >= 2
         chaos.wait_sent(250)
+        assert chaos.count("sent") < 550, "the restart must land mid-run"
         pg.restart()  # immediate: like a crash
         wait_for_postgres(url)
         chaos.wait_final(timeout=240)
@@ -133,6 +137,7 @@ def test_stale_worker_stopped_past_its_lease_writes_nothing(chaos: Chaos):
     chaos.poller()
     stale = chaos.worker(threads=4)
     chaos.wait_sent(5)
+    assert chaos.count("sent") < 50, "the stop must land mid-run"
     stale.signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     chaos.worker(threads=4)

@@ -339,6 +339,7 @@ def test_help_shows_env_vars(cli_env):
         "OUTBOX_DATABASE_URL",
         "OUTBOX_REDIS_URL",
         "OUTBOX_METRICS_PORT",
+        "OUTBOX_METRICS_HOST",
         "OUTBOX_WORKER_THREADS",
     ):
         assert var in text

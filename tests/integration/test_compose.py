@@ -25,6 +25,9 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DATABASE_URL = "postgresql://postgres:postgres@postgres:5432/outbox"
 REDIS_URL = "redis://redis:6379/0"
 REQUIRED_SERVICES = {"postgres", "redis", "smtp", "migrate", "poller", "worker"}
+# Optional (profile `dashboards`): Prometheus scraping the poller and workers, Grafana
+# reading Prometheus and the Postgres views, and the one-shot that makes Grafana's login role.
+DASHBOARD_SERVICES = {"prometheus", "grafana", "dashboard-role"}
 APP_SERVICES = ("migrate", "poller", "worker")
 
 
@@ -145,7 +148,7 @@ def test_poller_and_worker_run_their_commands() -> None:
     assert "--metrics-port" in poller and "--metrics-port" in worker
     for name in ("poller", "worker"):
         assert services[name].get("restart") in ("always", "unless-stopped", "on-failure")
-        # Metrics listen on 127.0.0.1 inside the container: publishing them would not work.
+        # Metrics are for Prometheus inside the compose network, never published on the host.
         assert not services[name].get("ports")
 
 
@@ -180,3 +183,82 @@ def test_redis_keeps_keys_across_restarts() -> None:
     command = _command(_services()["redis"])
     assert "--appendonly" in command
     assert command[command.index("--appendonly") + 1] == "yes"
+
+
+# -- dashboards (Prometheus + Grafana) -----------------------------------------------------
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of the bind mounts of a service."""
+    mounts = {}
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            source, target = volume.get("source", ""), volume.get("target", "")
+        else:
+            source, target = volume.split(":")[:2]
+        if source.startswith("/"):
+            mounts[target] = Path(source)
+    return mounts
+
+
+def _flag(command: list[str], flag: str) -> str | None:
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def test_dashboard_services_are_optional() -> None:
+    services = _services()
+    assert set(services) >= DASHBOARD_SERVICES
+    for name in DASHBOARD_SERVICES:
+        assert services[name].get("profiles") == ["dashboards"]
+    for name in REQUIRED_SERVICES:
+        assert not services[name].get("profiles")
+
+
+def test_prometheus_scrapes_the_poller_and_every_worker() -> None:
+    services = _services()
+    config_file = _mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"]
+    assert config_file.is_file() and config_file.resolve().is_relative_to(REPO)
+    config = _yaml_to_data(config_file.read_text())
+    targets = {
+        (name, sd["port"])
+        for job in config["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
+    }
+    for name in ("poller", "worker"):
+        command = _command(services[name])
+        # listening on every interface of the container, so another container can scrape it
+        assert _flag(command, "--metrics-host") == "0.0.0.0"
+        assert (name, int(_flag(command, "--metrics-port") or 0)) in targets
+
+
+def test_grafana_is_provisioned_with_both_datasources_and_the_dashboard() -> None:
+    services = _services()
+    grafana = services["grafana"]
+    mounts = _mounts(grafana)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    dashboards = mounts["/etc/grafana/dashboards"]
+    env = _environment(grafana)
+    datasources = {
+        ds["uid"]: ds
+        for f in sorted((provisioning / "datasources").glob("*.yaml"))
+        for ds in _yaml_to_data(f.read_text())["datasources"]
+    }
+    prometheus = datasources["outbox-prometheus"]
+    assert prometheus["type"] == "prometheus"
+    assert urlsplit(prometheus["url"]).hostname in services
+    postgres = datasources["outbox-postgres"]
+    assert postgres["type"] == "grafana-postgresql-datasource"
+    assert postgres["url"].split(":")[0] in services
+    assert postgres["jsonData"]["database"] == urlsplit(DATABASE_URL).path.lstrip("/")
+    password_var = postgres["secureJsonData"]["password"].lstrip("$").strip("{}")
+    assert env.get(password_var)  # Grafana expands $VAR from its environment
+    # the login role Grafana uses is made by the one-shot service, granted outbox_dashboard
+    role_script = " ".join(_command(services["dashboard-role"]))
+    assert f"GRANT outbox_dashboard TO {postgres['user']}" in role_script
+    assert grafana["depends_on"]["dashboard-role"]["condition"] == "service_completed_successfully"
+    [provider] = _yaml_to_data((provisioning / "dashboards" / "outbox.yaml").read_text())["providers"]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+    dashboard = json.loads((dashboards / "outbox.json").read_text())
+    used = {p["datasource"]["uid"] for p in dashboard["panels"] if p.get("datasource")}
+    assert used == set(datasources)

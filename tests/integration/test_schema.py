@@ -153,3 +153,31 @@ def test_wheel_carries_schema_sql(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "outbox/schema.sql" in names and "outbox/queries.sql" in names and "worker/queries.sql" in names
     assert zipfile.ZipFile(wheel).read("outbox/schema.sql").decode() == schema_sql()
+
+
+def test_db_init_upgrades_an_older_database(db):
+    # a database made before these columns existed (and before the views that use them)
+    db.execute("DROP VIEW IF EXISTS outbox.connector_health, outbox.outbox_view, outbox.sent_items")
+    db.execute(
+        "ALTER TABLE outbox.connector DROP COLUMN failures, DROP COLUMN backoff_until, "
+        "DROP COLUMN last_error, DROP COLUMN last_error_at"
+    )
+    db.execute("ALTER TABLE outbox.settings DROP COLUMN ambiguous_policy")
+    db.execute("ALTER TABLE outbox.message DROP COLUMN content")
+    with db.transaction():
+        db.execute(schema_sql())
+    cols = {
+        r[0]
+        for r in db.execute(
+            "SELECT table_name || '.' || column_name FROM information_schema.columns "
+            "WHERE table_schema = 'outbox'"
+        )
+    }
+    assert {
+        "connector.failures",
+        "connector.backoff_until",
+        "settings.ambiguous_policy",
+        "message.content",
+    } <= cols
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("UPDATE outbox.settings SET ambiguous_policy = 'sometimes'")
