@@ -33,10 +33,18 @@ def _attachment_params(message_id: int, draft: Draft) -> list[dict[str, Any]]:
     ]
 
 
-def _too_large(draft: Draft, limit: int) -> ValidationError:
-    return ValidationError(
-        f"message is {draft.size_bytes} bytes, over the maximum email size of {limit} bytes"
-    )
+def _refused(draft: Draft, limit: int, routable: bool) -> ValidationError | None:
+    """Why the insert wrote nothing: an error, or None for a repeated idempotency key."""
+    if not routable:
+        return ValidationError(
+            f"no connector sends as {draft.from_addr} and there is no enabled System Default "
+            "Gateway: refusing to relay for this sender"
+        )
+    if draft.size_bytes > limit and not draft.system_generated:
+        return ValidationError(
+            f"message is {draft.size_bytes} bytes, over the maximum email size of {limit} bytes"
+        )
+    return None
 
 
 def _draft(conn_unmonitored: str | None, kwargs: dict[str, Any]) -> Draft:
@@ -83,10 +91,10 @@ def enqueue(
         unmonitored = row[0] if row else None
     draft = _draft(unmonitored, kwargs)
     with conn.cursor() as cur:
-        new_id, limit = cur.execute(Q["insert_message"], _params(draft)).fetchone()  # type: ignore[misc]
+        new_id, limit, routable = cur.execute(Q["insert_message"], _params(draft)).fetchone()  # type: ignore[misc]
         if new_id is None:
-            if draft.size_bytes > limit and not draft.system_generated:
-                raise _too_large(draft, limit)
+            if error := _refused(draft, limit, routable):
+                raise error
             existing = cur.execute(Q["message_by_idempotency_key"], _params(draft)).fetchone()
             return int(existing[0])  # type: ignore[index]
         if draft.attachments:
@@ -122,10 +130,10 @@ async def enqueue_async(
     draft = _draft(unmonitored, kwargs)
     async with conn.cursor() as cur:
         await cur.execute(Q["insert_message"], _params(draft))
-        new_id, limit = await cur.fetchone()  # type: ignore[misc]
+        new_id, limit, routable = await cur.fetchone()  # type: ignore[misc]
         if new_id is None:
-            if draft.size_bytes > limit and not draft.system_generated:
-                raise _too_large(draft, limit)
+            if error := _refused(draft, limit, routable):
+                raise error
             await cur.execute(Q["message_by_idempotency_key"], _params(draft))
             existing = await cur.fetchone()
             return int(existing[0])  # type: ignore[index]

@@ -62,6 +62,26 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture
+def parked_gateway(db: psycopg.Connection[Any]) -> None:
+    """A System Default Gateway with nothing listening behind it: enqueue accepts any From
+    (the outbox refuses senders it has no route for), and nothing is ever delivered."""
+    from outbox import connectors
+    from outbox.connectors import NewConnector
+
+    connectors.add(
+        db,
+        NewConnector(
+            name="parked",
+            direction="outgoing",
+            address="parked@relay.example",
+            host="127.0.0.1",
+            port=9,
+            default_gateway=True,
+        ),
+    )
+
+
+@pytest.fixture
 def redis_namespace() -> Iterator[str]:
     ns = f"outbox-test-{uuid.uuid4().hex[:10]}"
     yield ns

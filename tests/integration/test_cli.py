@@ -42,7 +42,7 @@ def test_db_init_is_idempotent(cli_env):
     assert outbox(cli_env, "db", "init").returncode == 0
 
 
-def test_send_prints_only_the_id(cli_env, db):
+def test_send_prints_only_the_id(cli_env, db, parked_gateway):
     out = outbox(
         cli_env,
         "send",
@@ -113,7 +113,7 @@ def test_subject_with_line_break_is_refused(cli_env, db):
     assert count(db) == 0
 
 
-def test_size_limit_is_checked_at_enqueue(cli_env, db):
+def test_size_limit_is_checked_at_enqueue(cli_env, db, parked_gateway):
     outbox(cli_env, "settings", "set", "max-message-bytes", "2048")
     proc = outbox(
         cli_env,
@@ -132,7 +132,7 @@ def test_size_limit_is_checked_at_enqueue(cli_env, db):
     assert count(db) == 0
 
 
-def test_idempotency_key_inserts_once(cli_env, db):
+def test_idempotency_key_inserts_once(cli_env, db, parked_gateway):
     args = [
         "send",
         "--from",

@@ -92,9 +92,21 @@ def test_disabled_connector_holds_until_enabled(db, smtp_factory, pipeline):
     assert len(sales.recorder.wait_for(1)) == 1 and relay.recorder.received == []
 
 
-def test_no_route_fails_with_reason(db, smtp, pipeline):
+def sql_insert(db, from_addr):
+    """A writer that bypasses Python (and its routing check)."""
+    return db.execute(
+        "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body) "
+        "VALUES (%s, '{rcpt@example.org}', 's', 't') RETURNING id",
+        [from_addr],
+    ).fetchone()[0]
+
+
+def test_no_route_is_refused_at_enqueue_and_fails_at_send(db, smtp, pipeline):
     add(db, smtp, "sales", "sales@example.com")
-    msg_id = send(db, "someone@example.com")
+    with pytest.raises(ValidationError, match=r"no connector sends as someone@example\.com"):
+        send(db, "someone@example.com")
+    assert db.execute("SELECT count(*) FROM outbox.message").fetchone()[0] == 0
+    msg_id = sql_insert(db, "someone@example.com")
     pipeline.until_status(msg_id, "failed")
     assert "no connector for someone@example.com and no System Default Gateway" in last_error(db, msg_id)
     assert smtp.recorder.received == []
@@ -106,7 +118,9 @@ def test_disabled_gateway_without_match_fails(db, smtp_factory, pipeline):
     add(db, relay, "gateway", "gateway@example.com", default_gateway=True)
     db.execute("UPDATE outbox.settings SET unmonitored_address = 'sales@example.com'")
     connectors.set_enabled(db, "gateway", False)
-    msg_id = send(db, "other@example.com")
+    with pytest.raises(ValidationError, match="no enabled System Default Gateway"):
+        send(db, "other@example.com")
+    msg_id = sql_insert(db, "other@example.com")
     pipeline.until_status(msg_id, "failed")
     assert "System Default Gateway gateway is disabled" in last_error(db, msg_id)
 

@@ -165,7 +165,7 @@ def _grafana_sql() -> list[str]:
     return [t["rawSql"] for p in dashboard["panels"] for t in p.get("targets", []) if "rawSql" in t]
 
 
-def test_dashboard_role_reads_the_views_and_nothing_else(db, dashboard_login):
+def test_dashboard_role_reads_the_views_and_nothing_else(db, dashboard_login, parked_gateway):
     msg_id = send(db)
     db.execute("UPDATE outbox.message SET status = 'failed', last_error = 'boom' WHERE id = %s", [msg_id])
     with psycopg.connect(dashboard_login, autocommit=True) as conn:

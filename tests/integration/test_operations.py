@@ -173,7 +173,7 @@ def test_bulk_replay_by_filter_dry_run_and_confirmation(db, smtp, pipeline, cli_
     assert len(audits(db)) == 1
 
 
-def test_bulk_replay_confirmed_at_a_terminal(db, cli_env):
+def test_bulk_replay_confirmed_at_a_terminal(db, cli_env, parked_gateway):
     ids = []
     for i in range(2):
         msg_id = send(db, subject=f"t{i}")
@@ -243,7 +243,7 @@ def test_replay_of_sent_message_needs_force(db, smtp, pipeline, cli_env):
     assert first.message_id == second.message_id
 
 
-def test_replay_refuses_unknown_ids_and_empty_selections(db, cli_env):
+def test_replay_refuses_unknown_ids_and_empty_selections(db, cli_env, parked_gateway):
     assert "no message with id 4242" in one_line_error(run(cli_env, "replay", "4242", check=False))
     assert "give message ids or a filter" in one_line_error(run(cli_env, "replay", check=False))
     assert "no connector named 'nope'" in one_line_error(
@@ -259,7 +259,7 @@ def test_replay_refuses_unknown_ids_and_empty_selections(db, cli_env):
     assert row(db, msg_id)[0] == "failed"
 
 
-def test_replay_and_send_now_wake_the_poller(db, database_url, cli_env):
+def test_replay_and_send_now_wake_the_poller(db, database_url, cli_env, parked_gateway):
     failed = send(db)
     db.execute("UPDATE outbox.message SET status = 'failed' WHERE id = %s", [failed])
     scheduled = send(db, send_after=datetime.now(UTC) + timedelta(days=1))
@@ -323,7 +323,7 @@ def test_cancelled_scheduled_retry_and_held_messages_never_reach_the_server(db, 
     assert smtp.recorder.received[-1].message["Subject"] == "after the cancel"
 
 
-def test_cancel_by_filter_asks_and_skips_a_message_being_sent(db, cli_env):
+def test_cancel_by_filter_asks_and_skips_a_message_being_sent(db, cli_env, parked_gateway):
     ids = [send(db, subject=f"s{i}", send_after=datetime.now(UTC) + timedelta(hours=1)) for i in range(3)]
     # as a worker in the middle of SMTP leaves it
     db.execute(
@@ -444,7 +444,7 @@ def test_prune_deletes_old_finished_messages_and_their_history(db, smtp, pipelin
 # -- status --------------------------------------------------------------------------------
 
 
-def test_status_watch_refreshes_until_interrupted(db, cli_env):
+def test_status_watch_refreshes_until_interrupted(db, cli_env, parked_gateway):
     send(db)
     proc = subprocess.Popen(
         [sys.executable, "-m", "outbox.cli", "status", "--watch", "0.2"],

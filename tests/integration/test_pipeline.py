@@ -194,7 +194,7 @@ def test_lost_broker_message_is_redispatched_after_lease(db, smtp, stopped_pipel
     assert expired == 1  # only the successful attempt: a lost dispatch costs no attempt
 
 
-def test_two_pollers_never_double_dispatch(db, smtp, config):
+def test_two_pollers_never_double_dispatch(db, smtp, config, parked_gateway):
     from worker.broker import make_broker
     from worker.poller import Poller
 
@@ -223,7 +223,7 @@ def test_two_pollers_never_double_dispatch(db, smtp, config):
     assert db.execute("SELECT count(*) FROM outbox.message WHERE status = 'dispatched'").fetchone()[0] == 300
 
 
-def test_claim_respects_batch_size(db, config):
+def test_claim_respects_batch_size(db, config, parked_gateway):
     from worker.poller import Poller
 
     with db.transaction():

@@ -86,7 +86,7 @@ def test_claim_uses_the_partial_index(db):
     assert "message_due_idx" in plan, plan
 
 
-def test_async_enqueue_writes_on_the_callers_transaction(database_url):
+def test_async_enqueue_writes_on_the_callers_transaction(database_url, parked_gateway):
     async def scenario():
         async with await psycopg.AsyncConnection.connect(database_url) as conn:
             msg_id = await outbox.enqueue_async(
@@ -113,7 +113,7 @@ def test_async_enqueue_writes_on_the_callers_transaction(database_url):
     assert msg_id == again and left == 0
 
 
-def test_system_mail_without_from_uses_unmonitored_address(db):
+def test_system_mail_without_from_uses_unmonitored_address(db, parked_gateway):
     with pytest.raises(outbox.ValidationError, match="unmonitored-address"):
         outbox.enqueue(db, from_addr=None, system_generated=True, to=["b@example.org"], subject="s", text="t")
     db.execute("UPDATE outbox.settings SET unmonitored_address = 'noreply@example.com'")
