@@ -438,3 +438,51 @@ BEGIN
     END IF;
 END
 $$;
+
+-- ==========================================================================================
+-- Least privilege: `outbox_app` for applications (insert messages, read their status),
+-- `outbox_worker` for pollers and workers; `outbox_dashboard` above. NOLOGIN roles: grant
+-- them to your login roles (`GRANT outbox_app TO shop_backend;`). Operators' commands
+-- (connectors, settings, replay, prune, db init) run as the schema owner. Skipped with a
+-- notice when the user applying the schema may not create roles.
+-- ==========================================================================================
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['outbox_app', 'outbox_worker'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = r) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION
+                WHEN duplicate_object OR unique_violation THEN NULL;  -- created concurrently
+                WHEN insufficient_privilege THEN
+                    RAISE NOTICE '% role not created: needs CREATEROLE', r;
+            END;
+        END IF;
+    END LOOP;
+
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_app') THEN
+        GRANT USAGE ON SCHEMA outbox TO outbox_app;
+        GRANT INSERT ON outbox.message, outbox.attachment TO outbox_app;
+        -- the status of what it wrote (never other columns: bodies stay private)
+        GRANT SELECT (id, status, attempts, message_id, last_error, sent_at, send_after,
+                      created_at, updated_at, next_attempt_at, idempotency_key, reference)
+            ON outbox.message TO outbox_app;
+        -- what enqueue checks: the size limit, the unmonitored address, whether From has a route
+        GRANT SELECT (max_message_bytes, unmonitored_address) ON outbox.settings TO outbox_app;
+        GRANT SELECT (direction, address, aliases, enabled, is_default_gateway)
+            ON outbox.connector TO outbox_app;
+    END IF;
+
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
+        GRANT USAGE ON SCHEMA outbox TO outbox_worker;
+        GRANT SELECT, UPDATE ON outbox.message TO outbox_worker;
+        GRANT SELECT ON outbox.attachment, outbox.settings, outbox.connector TO outbox_worker;
+        GRANT UPDATE (failures, backoff_until, last_error, last_error_at)
+            ON outbox.connector TO outbox_worker;
+        GRANT INSERT ON outbox.attempt TO outbox_worker;
+        GRANT SELECT, INSERT, UPDATE ON outbox.recipient TO outbox_worker;
+    END IF;
+END
+$$;

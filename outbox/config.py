@@ -4,6 +4,7 @@ then passed down. Runtime policy (retries, lease, limits) lives in the database 
 
 from __future__ import annotations
 
+import os
 import socket
 
 from pydantic import Field
@@ -24,7 +25,8 @@ class Config(BaseSettings):
     # How often the poller refreshes the messages-by-status and queue-lag gauges.
     metrics_refresh_seconds: float = Field(10.0, gt=0)
     worker_threads: int = Field(8, ge=1, le=256)
-    worker_processes: int = Field(1, ge=1, le=64)
+    # One worker process per core by default (the poller runs in the first one).
+    worker_processes: int = Field(default_factory=lambda: min(os.cpu_count() or 1, 8), ge=1, le=64)
     poll_interval_seconds: float = Field(1.0, gt=0)
     claim_batch: int = Field(500, ge=1, le=10000)
     # Row ids per broker message: one Redis message per email caps throughput.

@@ -342,7 +342,8 @@ class Delivery:
                     status=p["status"],
                 )
             else:
-                log.info(
+                # successes are the hot path: debug; anything else is worth a line at info
+                (log.debug if p["status"] == "sent" else log.info)(
                     "attempt finished",
                     message=p["id"],
                     attempt=r.row["attempts"],

@@ -82,9 +82,16 @@ def _spawn_workers(config: Config, count: int) -> list[subprocess.Popen[bytes]]:
     for key, value in config.model_dump().items():
         if value is not None:
             env[f"OUTBOX_{key.upper()}"] = str(value)
-    env.pop("OUTBOX_METRICS_PORT", None)  # the parent serves metrics
     args = [sys.executable, "-m", "outbox.cli", "worker", "--processes", "1"]
-    return [subprocess.Popen(args, env=env) for _ in range(count)]
+    children = []
+    for i in range(1, count + 1):
+        # Each process has its own counters: child i serves them on the next port up.
+        if config.metrics_port is not None:
+            env["OUTBOX_METRICS_PORT"] = str(config.metrics_port + i)
+        else:
+            env.pop("OUTBOX_METRICS_PORT", None)
+        children.append(subprocess.Popen(args, env=env))
+    return children
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:

@@ -82,9 +82,8 @@ def _worker_options(f: Callable[..., Any]) -> Callable[..., Any]:
         envvar="OUTBOX_WORKER_PROCESSES",
         show_envvar=True,
         type=click.IntRange(1, 64),
-        default=Config.model_fields["worker_processes"].default,
-        show_default=True,
-        help="Worker processes.",
+        default=None,
+        help="Worker processes (default: one per core, at most 8).",
     )(f)
     return f
 

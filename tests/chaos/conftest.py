@@ -42,6 +42,8 @@ class Chaos:
                 "OUTBOX_REDIS_NAMESPACE": namespace,
                 "OUTBOX_POLL_INTERVAL_SECONDS": "0.2",
                 "OUTBOX_LOCAL_HOSTNAME": "outbox.chaos",
+                # one process per `outbox worker`: a signal reaches exactly the worker it names
+                "OUTBOX_WORKER_PROCESSES": "1",
                 "OUTBOX_LOG_LEVEL": "info",
             }
         )
