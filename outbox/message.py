@@ -159,6 +159,7 @@ def check_address(addr: str, what: str) -> str:
             allow_quoted_local=False,
             allow_domain_literal=False,
             allow_display_name=False,
+            strict=True,  # RFC 5321 lengths: local part <= 64, address <= 254 octets
         )
     except EmailNotValidError as exc:
         raise ValidationError(f"{what}: invalid address {addr!r}: {exc}") from exc

@@ -309,3 +309,19 @@ def test_disabling_gateway_needs_unmonitored_address_on_enabled_connector(db):
     connectors.set_enabled(db, "gw", False)
     actions = [r[0] for r in db.execute("SELECT action FROM outbox.connector_event ORDER BY id")]
     assert actions == ["created", "created", "disabled"]
+
+
+@pytest.mark.parametrize("port", [25, 587])
+def test_implicit_tls_on_a_plain_port_is_refused(db, port):
+    with pytest.raises(ValidationError, match=f"port {port} speaks plain SMTP first"):
+        connectors.add(
+            db,
+            NewConnector(
+                name="x",
+                direction="outgoing",
+                address="x@example.com",
+                host="localhost",
+                port=port,
+                security="tls",
+            ),
+        )
