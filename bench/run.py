@@ -102,14 +102,9 @@ EXPERIMENTS: list[tuple[str, dict[str, Any]]] = [
     ("OUTBOX_DISPATCH_BATCH=100", {"extra_env": {"OUTBOX_DISPATCH_BATCH": "100"}}),
     ("connector max_connections 8", {"connector_max": 8}),
     ("prototype: fast_render (bench/patches)", {"extra_env": _patched("fast_render")}),
-    ("prototype: batch_finish (bench/patches)", {"extra_env": _patched("batch_finish")}),
-    ("prototype: fast_render + batch_finish", {"extra_env": _patched("fast_render", "batch_finish")}),
     (
-        "fast_render + batch_finish + log warning + max_connections 8",
-        {
-            "extra_env": _patched("fast_render", "batch_finish", OUTBOX_LOG_LEVEL="warning"),
-            "connector_max": 8,
-        },
+        "fast_render + log warning + max_connections 8",
+        {"extra_env": _patched("fast_render", OUTBOX_LOG_LEVEL="warning"), "connector_max": 8},
     ),
 ]
 
@@ -117,11 +112,7 @@ EXPERIMENTS: list[tuple[str, dict[str, Any]]] = [
 # Latency at 50 msg/s with a prototype applied (--experiments).
 LATENCY_EXPERIMENTS: list[tuple[str, dict[str, str]]] = [
     ("latency, default (again, for pairing)", {}),
-    ("latency, prototype: consumer_timeout 10 ms (bench/patches)", _patched("consumer_timeout")),
-    (
-        "latency, prototype: consumer_timeout 10 ms + fast_render + batch_finish",
-        _patched("consumer_timeout", "fast_render", "batch_finish"),
-    ),
+    ("latency, prototype: fast_render", _patched("fast_render")),
 ]
 
 

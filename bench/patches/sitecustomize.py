@@ -9,11 +9,9 @@ These are measurement devices for bench/RESULTS.md, not proposed code:
   custom headers, display name, Reply-To or importance) is written as bytes directly with the
   stdlib's body encoder, byte-for-byte what `outbox.message.render(build(...))` produces for
   it (bench/patches/check_fast_render.py compares them); anything else takes the general path.
-- consumer_timeout: Dramatiq workers built with worker_timeout=OUTBOX_BENCH_WORKER_TIMEOUT_MS
-  (default 10) instead of the runner's 100 ms.
-- batch_finish: the outcomes of one broker message are written with one pipelined
-  `executemany` of the same `finish_attempt` statement after the batch, instead of one
-  round trip per message.
+
+(Two earlier prototypes, batched outcome writes and a 10 ms Dramatiq consumer wait, are now
+part of the product and were removed from here.)
 """
 
 from __future__ import annotations
@@ -75,65 +73,5 @@ def _fast_render() -> None:
     delivery.build, delivery.render = build, render
 
 
-def _batch_finish() -> None:
-    import asyncio
-    import contextvars
-
-    from worker import delivery
-
-    buffer: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar("bench_finish", default=None)
-    original_write = delivery.Delivery._write
-
-    async def run(self, handed):  # type: ignore[no-untyped-def]
-        batch = await self._claim(handed)
-        if batch is None:
-            return
-        pending: list[dict] = []
-        token = buffer.set(pending)
-        try:
-            await asyncio.gather(*(self._deliver(row, batch) for row in batch.rows))
-        finally:
-            buffer.reset(token)
-        if pending:
-            async with self.pool.connection() as conn, conn.cursor() as cur:
-                await cur.executemany(delivery.Q["finish_attempt"], pending)
-
-    async def write(self, row, settings, params, recipients):  # type: ignore[no-untyped-def]
-        pending = buffer.get()
-        if pending is None:
-            return await original_write(self, row, settings, params, recipients)
-        params |= {
-            "id": row["id"],
-            "lease_token": row["lease_token"],
-            "r_addrs": list(recipients),
-            "r_status": [r[0] for r in recipients.values()],
-            "r_codes": [r[1] for r in recipients.values()],
-            "r_replies": [r[2] for r in recipients.values()],
-        }
-        pending.append(params)
-
-    delivery.Delivery.run = run
-    delivery.Delivery._write = write
-
-
-def _consumer_timeout() -> None:
-    """Dramatiq's Redis consumer polls an empty queue with a backoff up to `worker_timeout`
-    (the runner passes 100 ms); a smaller cap shortens the pick-up delay at low load."""
-    import dramatiq
-
-    timeout_ms = int(os.environ.get("OUTBOX_BENCH_WORKER_TIMEOUT_MS", "10"))
-    original_init = dramatiq.Worker.__init__
-
-    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs["worker_timeout"] = timeout_ms
-        original_init(self, *args, **kwargs)
-
-    dramatiq.Worker.__init__ = init  # type: ignore[method-assign]
-
-
 if "fast_render" in _ACTIVE:
     _fast_render()
-if "batch_finish" in _ACTIVE:
-    _batch_finish()
-if "consumer_timeout" in _ACTIVE:
-    _consumer_timeout()
