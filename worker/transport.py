@@ -111,11 +111,22 @@ class ConnectorPool:
         )
         on_phase("connect")
         await client.connect()
+        try:
+            await self._secure(client, mode, password, on_phase)
+        except BaseException:
+            client.close()  # a session that failed to come up is never pooled or leaked
+            raise
+        return client
+
+    async def _secure(
+        self, client: SMTP, mode: str, password: str | None, on_phase: Callable[[str], None]
+    ) -> None:
+        """EHLO, STARTTLS where required or offered, AUTH only over TLS."""
+        c = self.connector
         on_phase("ehlo")
         await client.ehlo()
         if mode == "starttls" or (mode == "opportunistic" and client.supports_extension("starttls")):
             if not client.supports_extension("starttls"):
-                client.close()
                 raise TLSRequiredError(
                     f"{c.host}:{c.port} does not offer STARTTLS, which connector {c.name} requires"
                 )
@@ -125,14 +136,12 @@ class ConnectorPool:
             await client.ehlo()
         if c.has_credentials:
             if client.get_transport_info("sslcontext") is None:
-                client.close()
                 raise TLSRequiredError(
                     f"refusing to send credentials of connector {c.name} over an unencrypted session"
                 )
             on_phase("auth")
             assert c.username is not None and password is not None
             await client.login(c.username, password)
-        return client
 
     async def send(
         self,
