@@ -58,6 +58,8 @@ class NewConnector:
     enabled: bool = True
     max_connections: int = 4
     timeout_seconds: float = 60.0
+    # an already stored encrypted password kept by `update` (never decrypted here)
+    password_enc: bytes | None = None
 
 
 def _validate(new: NewConnector) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def _validate(new: NewConnector) -> dict[str, Any]:
         raise ValidationError("the System Default Gateway must be an outgoing or both connector")
     if new.password_env and new.password is not None:
         raise ValidationError("give either --password-env or --password-stdin, not both")
-    has_secret = bool(new.password_env) or new.password is not None
+    has_secret = bool(new.password_env) or new.password is not None or new.password_enc is not None
     if has_secret and not new.username:
         raise ValidationError("a password needs --username")
     if new.username and not has_secret:
@@ -99,7 +101,7 @@ def _validate(new: NewConnector) -> dict[str, Any]:
         "security": new.security,
         "username": new.username,
         "password_env": new.password_env,
-        "password_enc": secrets.encrypt(new.password) if new.password is not None else None,
+        "password_enc": secrets.encrypt(new.password) if new.password is not None else new.password_enc,
         "ca_file": os.path.abspath(new.ca_file) if new.ca_file else None,
         "enabled": new.enabled,
         "is_default_gateway": new.default_gateway,
@@ -181,6 +183,75 @@ def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None =
             },
         )
     return int(row[0])
+
+
+# What `update` may change, and how a change shows in the activity history.
+UPDATABLE = (
+    "address",
+    "aliases",
+    "direction",
+    "host",
+    "port",
+    "security",
+    "username",
+    "password_env",
+    "ca_file",
+    "max_connections",
+    "timeout_seconds",
+)
+
+
+def update(
+    conn: psycopg.Connection[Any],
+    name: str,
+    changes: dict[str, Any],
+    *,
+    password: str | None = None,
+    actor: str | None = None,
+) -> list[str]:
+    """Change a connector's settings (validated like `add`); returns the fields changed.
+    A new password (`password`, or `password_env`) replaces the stored one; otherwise the
+    stored one is kept. Workers open new SMTP sessions for it at once."""
+    unknown = set(changes) - set(UPDATABLE)
+    if unknown:
+        raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
+    with conn.transaction():
+        conn.execute(Q["lock_connectors"])
+        current = get(conn, name)
+        fields = {k: getattr(current, k) for k in UPDATABLE} | changes
+        new_secret = password is not None or "password_env" in changes
+        merged = NewConnector(
+            name=name,
+            default_gateway=current.is_default_gateway,
+            enabled=current.enabled,
+            password=password,
+            password_enc=None if new_secret else current.password_enc,
+            **{**fields, "password_env": fields["password_env"] if password is None else None},
+        )
+        values = _validate(merged)
+        if merged.direction in OUTBOUND:
+            claimed = {a for c in load_all(conn) if c.outbound and c.id != current.id for a in c.addresses}
+            clash = sorted({values["address"], *values["aliases"]} & claimed)
+            if clash:
+                raise ValidationError(f"{', '.join(clash)} already belongs to another outbound connector")
+        before = describe(current)
+        conn.execute(Q["update_connector"], values | {"id": current.id})
+        after = describe(get(conn, name))
+        changed = [k for k in before if before[k] != after[k] and k not in ("health", "effective_security")]
+        if password is not None and "password" not in changed:
+            changed.append("password")
+        _event(
+            conn,
+            current.id,
+            name,
+            "changed",
+            actor,
+            {
+                k: {"from": before.get(k), "to": after.get(k)} if k != "password" else "replaced"
+                for k in changed
+            },
+        )
+    return changed
 
 
 def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *, actor: str | None = None) -> int:

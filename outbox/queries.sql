@@ -66,6 +66,16 @@ VALUES (%(name)s, %(direction)s, %(address)s, %(aliases)s, %(host)s, %(port)s, %
         %(is_default_gateway)s, %(max_connections)s, %(timeout_seconds)s)
 RETURNING id;
 
+-- update_connector --
+-- Change a connector's settings (not its name, gateway role or enabled flag).
+UPDATE outbox.connector
+   SET direction = %(direction)s, address = %(address)s, aliases = %(aliases)s, host = %(host)s,
+       port = %(port)s, security = %(security)s, username = %(username)s,
+       password_env = %(password_env)s, password_enc = %(password_enc)s, ca_file = %(ca_file)s,
+       max_connections = %(max_connections)s, timeout_seconds = %(timeout_seconds)s,
+       updated_at = now()
+ WHERE id = %(id)s;
+
 -- set_connector_password --
 -- Store a re-encrypted password.
 UPDATE outbox.connector SET password_enc = %(password_enc)s, updated_at = now()

@@ -37,7 +37,9 @@ log = logs.get("outbox.worker")
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # Stop before DATA this long before the lease runs out (clock steps, slow writes).
 LEASE_MARGIN_SECONDS = 5.0
-# Settings and connectors are re-read at most this often (enable/disable, backoff state).
+# Settings and connectors are re-read as soon as an operator changes them (their version is
+# checked with every claim, in the same round trip), and at least this often (backoff state
+# written by other worker processes).
 CONFIG_TTL_SECONDS = 1.0
 
 
@@ -92,6 +94,7 @@ class Delivery:
         self.pool = pool
         self.transport = Transport(local_hostname=config.local_hostname)
         self._loaded_at = -CONFIG_TTL_SECONDS
+        self._version: tuple[Any, ...] | None = None
         self._settings = Settings()
         self._connectors: list[Connector] = []
 
@@ -121,15 +124,22 @@ class Delivery:
         results = await asyncio.gather(*(self._deliver(row, batch) for row in batch.rows))
         await self._write(results, batch.settings)
 
-    async def _config(self, cur: psycopg.AsyncCursor[Any]) -> tuple[Settings, list[Connector]]:
-        if time.monotonic() - self._loaded_at >= CONFIG_TTL_SECONDS:
+    async def _config(
+        self, cur: psycopg.AsyncCursor[Any], version: tuple[Any, ...] | None = None
+    ) -> tuple[Settings, list[Connector]]:
+        """Settings and connectors, re-read when an operator changed them (their version moved)
+        or, for the workers' own health columns, at most CONFIG_TTL_SECONDS late."""
+        stale = time.monotonic() - self._loaded_at >= CONFIG_TTL_SECONDS
+        if stale or version != self._version:
+            if version is None or stale:
+                version = tuple((await (await cur.execute(Q["config_version"])).fetchone() or {}).values())
             self._settings = Settings.model_validate(
                 await (await cur.execute(Q["settings"])).fetchone() or {}
             )
             self._connectors = [
                 Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
             ]
-            self._loaded_at = time.monotonic()
+            self._loaded_at, self._version = time.monotonic(), version
         return self._settings, self._connectors
 
     async def _claim(self, handed: Sequence[Sequence[Any]]) -> Batch | None:
@@ -137,19 +147,29 @@ class Delivery:
         tokens = [str(t) for _, t in handed]
         async for attempt in db_retry(60):
             with attempt:
-                async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-                    settings, connectors = await self._config(cur)
-                    # lock (waits for the poller's commit), claim, commit: one round trip
-                    async with conn.pipeline(), conn.transaction():
-                        await cur.execute(Q["lock_batch"], {"ids": ids})
-                        await cur.execute(
-                            Q["start_sending"],
-                            {"ids": ids, "tokens": tokens, "lease_seconds": settings.lease_seconds},
-                        )
+                async with (
+                    self.pool.connection() as conn,
+                    conn.cursor(row_factory=dict_row) as cur,
+                    conn.cursor(row_factory=dict_row) as vcur,
+                ):
+                    if self._version is None:  # first batch of this process
+                        await self._config(cur)
+                    # config version, then lock (waits for the poller's commit), claim, commit:
+                    # one round trip
+                    async with conn.pipeline():
+                        await vcur.execute(Q["config_version"])
+                        async with conn.transaction():
+                            await cur.execute(Q["lock_batch"], {"ids": ids})
+                            await cur.execute(
+                                Q["start_sending"],
+                                {"ids": ids, "tokens": tokens, "lease_seconds": self._settings.lease_seconds},
+                            )
+                    version = tuple((await vcur.fetchone() or {}).values())
                     rows = await cur.fetchall()
                     metrics.STALE_DELIVERIES.inc(len(ids) - len(rows))
                     if not rows:
                         return None
+                    settings, connectors = await self._config(cur, version)
                     attachments, settled = await self._extras(cur, rows)
         return Batch(rows, connectors, settings, attachments, settled)
 

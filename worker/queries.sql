@@ -108,6 +108,12 @@ SELECT message_id, addr, status, smtp_code, smtp_reply
 -- Every connector (resolution happens in Python, per batch).
 SELECT * FROM outbox.connector;
 
+-- config_version --
+-- Moves whenever an operator changes a connector or a setting.
+SELECT (SELECT max(updated_at) FROM outbox.connector) AS connectors_changed_at,
+       (SELECT count(*) FROM outbox.connector) AS connectors,
+       (SELECT updated_at FROM outbox.settings) AS settings_changed_at;
+
 -- settings --
 -- Instance-wide settings.
 SELECT * FROM outbox.settings;

@@ -79,11 +79,7 @@ def connector_add(
     **options: Any,
 ) -> None:
     """Register a connector."""
-    password = None
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            raise ValidationError("--password-stdin read an empty password")
+    password = _read_password() if password_stdin else None
     new = connectors.NewConnector(
         name=name,
         aliases=aliases,
@@ -94,6 +90,50 @@ def connector_add(
     )
     connectors.add(conn, new, actor=actor)
     click.echo(f"connector {name} added")
+
+
+@connector.command("update")
+@click.argument("name")
+@click.option("--address", help="New primary address.")
+@click.option("--alias", "aliases", multiple=True, help="Replace the aliases with these; repeat.")
+@click.option("--no-aliases", is_flag=True, help="Remove every alias.")
+@click.option("--direction", type=click.Choice(connectors.DIRECTIONS))
+@click.option("--host")
+@click.option("--port", type=int)
+@click.option("--security", type=click.Choice(connectors.SECURITY_MODES))
+@click.option("--username")
+@click.option("--password-env", metavar="VAR", help="Read the password from this variable from now on.")
+@click.option("--password-stdin", is_flag=True, help="Read a new password from stdin (stored encrypted).")
+@click.option("--ca-file", type=click.Path(dir_okay=False))
+@click.option("--max-connections", type=click.IntRange(1, 100))
+@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0.1))
+@click.option("--actor", help="Who is making the change (default: the OS user).")
+@with_conn
+def connector_update(
+    conn: psycopg.Connection[Any],
+    name: str,
+    aliases: tuple[str, ...],
+    no_aliases: bool,
+    password_stdin: bool,
+    actor: str | None,
+    **options: Any,
+) -> None:
+    """Change a connector's settings; recorded in its activity history."""
+    changes = {k: v for k, v in options.items() if v is not None}
+    if aliases or no_aliases:
+        changes["aliases"] = () if no_aliases else aliases
+    password = _read_password() if password_stdin else None
+    if not changes and password is None:
+        raise ValidationError("nothing to change: give at least one option")
+    changed = connectors.update(conn, name, changes, password=password, actor=actor)
+    click.echo(f"connector {name} updated: {', '.join(changed) or 'no change'}")
+
+
+def _read_password() -> str:
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ValidationError("--password-stdin read an empty password")
+    return password
 
 
 @connector.command("list")

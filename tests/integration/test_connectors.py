@@ -325,3 +325,49 @@ def test_implicit_tls_on_a_plain_port_is_refused(db, port):
                 security="tls",
             ),
         )
+
+
+def test_update_moves_a_connector_to_a_new_server_and_is_recorded(db, smtp_factory, pipeline):
+    old_server, new_server = smtp_factory(name="old"), smtp_factory(name="new")
+    add(db, old_server, "gateway", "gateway@example.com", default_gateway=True)
+    first = send(db, "app@example.com")
+    pipeline.until_status(first, "sent")
+    changed = connectors.update(
+        db, "gateway", {"port": new_server.port, "aliases": ("App@Example.com",)}, actor="ops-anna"
+    )
+    assert changed == ["aliases", "port"]
+    second = send(db, "app@example.com")
+    pipeline.until_status(second, "sent")
+    assert len(old_server.recorder.received) == 1 and len(new_server.recorder.received) == 1
+    action, actor, detail = db.execute(
+        "SELECT action, actor, detail FROM outbox.connector_event ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    assert (action, actor) == ("changed", "ops-anna")
+    assert detail["port"] == {"from": old_server.port, "to": new_server.port}
+    assert detail["aliases"] == {"from": [], "to": ["app@example.com"]}
+
+
+def test_update_is_validated_like_add_and_changes_nothing_on_error(db):
+    add(db, None, "a", "a@example.com", username="u", password_env="PW")
+    add(db, None, "b", "b@example.com")
+    with pytest.raises(ValidationError, match="AUTH is only ever sent over TLS"):
+        connectors.update(db, "a", {"security": "none"})
+    with pytest.raises(ValidationError, match=r"b@example\.com already belongs"):
+        connectors.update(db, "a", {"aliases": ("B@example.com",)})
+    a = connectors.get(db, "a")
+    assert (a.security, a.aliases, a.password_env) == ("auto", (), "PW")
+    assert [r[0] for r in db.execute("SELECT action FROM outbox.connector_event ORDER BY id")] == [
+        "created",
+        "created",
+    ]
+
+
+def test_disabling_takes_effect_for_the_very_next_message(db, smtp_factory, pipeline):
+    sales, relay = smtp_factory(name="sales"), smtp_factory(name="relay")
+    add(db, sales, "sales", "sales@example.com")
+    add(db, relay, "gateway", "gateway@example.com", default_gateway=True)
+    pipeline.until_status(send(db, "sales@example.com"), "sent")  # the worker has its config cached
+    connectors.set_enabled(db, "sales", False)
+    held = send(db, "sales@example.com")
+    pipeline.until_status(held, "held")
+    assert len(sales.recorder.received) == 1 and relay.recorder.received == []
