@@ -110,6 +110,11 @@ def _validate(new: NewConnector) -> dict[str, Any]:
     }
 
 
+def preview(new: NewConnector) -> Connector:
+    """The connector `add` would register, validated but not stored (for a test first)."""
+    return Connector.from_row(_validate(new) | {"id": 0})
+
+
 def load_all(conn: psycopg.Connection[Any]) -> list[Connector]:
     with conn.cursor(row_factory=dict_row) as cur:
         return [Connector.from_row(r) for r in cur.execute(Q["connectors"]).fetchall()]

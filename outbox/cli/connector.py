@@ -19,7 +19,7 @@ from outbox.cli.base import (
     with_conn,
 )
 from outbox.config import Config
-from outbox.errors import ValidationError
+from outbox.errors import ConfigurationError, ValidationError
 
 # -- connectors ----------------------------------------------------------------------------
 
@@ -67,6 +67,12 @@ def connector() -> None:
     help="SMTP timeout per command, seconds.",
 )
 @click.option("--actor", help="Who is making the change (default: the OS user).")
+@click.option(
+    "--test",
+    "test_first",
+    is_flag=True,
+    help="Save it only after a successful Test Connection (connect, TLS, EHLO, AUTH), as Enate does.",
+)
 @with_conn
 def connector_add(
     conn: psycopg.Connection[Any],
@@ -76,6 +82,7 @@ def connector_add(
     disabled: bool,
     default_gateway: bool,
     actor: str | None,
+    test_first: bool,
     **options: Any,
 ) -> None:
     """Register a connector."""
@@ -88,8 +95,26 @@ def connector_add(
         default_gateway=default_gateway,
         **options,
     )
+    if test_first and new.direction != "incoming":
+        result = _probe(conn, connectors.preview(new))
+        failed = [s for s in result["steps"] if not s["ok"]]
+        if failed:
+            raise ConfigurationError(
+                f"Test Connection failed at {failed[0]['step']}: {failed[0]['detail']}; connector not saved"
+            )
     connectors.add(conn, new, actor=actor)
-    click.echo(f"connector {name} added")
+    click.echo(f"connector {name} added" + (" (Test Connection passed)" if test_first else ""))
+
+
+def _probe(conn: psycopg.Connection[Any], c: Any) -> dict[str, Any]:
+    from worker.probe import probe
+
+    settings = runtime_settings.load(conn)
+    return probe(
+        c,
+        timeout=min(settings.smtp_timeout_seconds, c.timeout_seconds),
+        local_hostname=Config().local_hostname,
+    )
 
 
 @connector.command("update")
@@ -207,15 +232,7 @@ def connector_rotate_key(conn: psycopg.Connection[Any], actor: str | None) -> No
 @with_conn
 def connector_test(conn: psycopg.Connection[Any], name: str, as_json: bool) -> None:
     """Connect, secure, say EHLO and authenticate; send nothing (Enate's Test Connection)."""
-    from worker.probe import probe
-
-    c = connectors.get(conn, name)
-    settings = runtime_settings.load(conn)
-    result = probe(
-        c,
-        timeout=min(settings.smtp_timeout_seconds, c.timeout_seconds),
-        local_hostname=Config().local_hostname,
-    )
+    result = _probe(conn, connectors.get(conn, name))
     emit(
         result,
         as_json,

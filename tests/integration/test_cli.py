@@ -343,3 +343,28 @@ def test_help_shows_env_vars(cli_env):
         "OUTBOX_WORKER_THREADS",
     ):
         assert var in text
+
+
+def test_connector_add_with_test_saves_only_after_a_good_test_connection(cli_env, smtp_factory, ca_file, db):
+    server = smtp_factory("starttls", username="u", password="right")
+    common = [
+        "--address",
+        "gw@example.com",
+        "--host",
+        "localhost",
+        "--port",
+        str(server.port),
+        "--username",
+        "u",
+        "--password-env",
+        "PW",
+        "--ca-file",
+        ca_file,
+        "--test",
+    ]
+    bad = outbox(dict(cli_env, PW="wrong"), "connector", "add", "gw", *common, check=False)
+    assert "Test Connection failed at auth" in one_line_error(bad) and "not saved" in bad.stderr
+    assert db.execute("SELECT count(*) FROM outbox.connector").fetchone()[0] == 0
+    good = outbox(dict(cli_env, PW="right"), "connector", "add", "gw", *common)
+    assert "Test Connection passed" in good.stdout
+    assert server.recorder.received == []
