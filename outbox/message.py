@@ -26,12 +26,24 @@ from outbox.errors import ValidationError
 
 
 class _HeaderRegistry(HeaderRegistry):
-    """The standard header registry, but it builds each header class once: the stock one
-    creates a new class with type() for every header of every message (40% of building one)."""
+    """The standard header registry, with two caches. It builds each header class once (the
+    stock one creates a new class with type() for every header of every message: 40% of
+    building one), and it parses a given header value once: header objects are immutable, so
+    the From, Content-Type, MIME-Version, Date... that repeat across messages are shared
+    (build + render 0.47 -> 0.34 ms for messages that differ in To, Subject, Message-ID)."""
 
     @functools.lru_cache(maxsize=256)  # noqa: B019  (one registry per process, never freed)
     def __getitem__(self, name: str) -> type:
         return super().__getitem__(name)  # type: ignore[no-any-return]
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._parsed(name, value)
+        return super().__call__(name, value)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
+    def _parsed(self, name: str, value: str) -> Any:
+        return super().__call__(name, value)
 
 
 _REGISTRY = _HeaderRegistry()
