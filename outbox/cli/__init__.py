@@ -33,7 +33,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except psycopg.errors.IntegrityError as exc:
         _fail(f"refused by the database: {exc.diag.message_primary}", EXIT_ERROR)
     except psycopg.OperationalError as exc:
-        _fail(f"cannot reach the database: {str(exc).strip().splitlines()[0]}", EXIT_UNAVAILABLE)
+        reason = str(exc).strip().splitlines()[0]
+        if "does not exist" in reason and "database" in reason:
+            reason += " (create it first, e.g. `createdb NAME`, then run `outbox db init`)"
+        _fail(f"cannot reach the database: {reason}", EXIT_UNAVAILABLE)
 
 
 def _fail(message: str, code: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from functools import wraps
 from typing import Any
@@ -77,6 +78,15 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     show_default=True,
     type=click.Choice(["console", "json"]),
 )
-def cli(log_level: str, log_format: str) -> None:
+@click.option(
+    "--database-url",
+    "group_database_url",
+    metavar="URL",
+    help="Postgres connection URL for the command that follows (same as its own --database-url).",
+)
+def cli(log_level: str, log_format: str, group_database_url: str | None) -> None:
     """outbox-worker: a durable Postgres outbox for outbound email."""
     logs.configure(level=log_level, fmt=log_format)
+    if group_database_url:
+        # `outbox --database-url URL status` as well as `outbox status --database-url URL`
+        os.environ["OUTBOX_DATABASE_URL"] = group_database_url

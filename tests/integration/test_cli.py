@@ -368,3 +368,12 @@ def test_connector_add_with_test_saves_only_after_a_good_test_connection(cli_env
     good = outbox(dict(cli_env, PW="right"), "connector", "add", "gw", *common)
     assert "Test Connection passed" in good.stdout
     assert server.recorder.received == []
+
+
+def test_database_url_before_the_command_and_missing_database_hint(cli_env, database_url):
+    env = {k: v for k, v in cli_env.items() if k != "OUTBOX_DATABASE_URL"}
+    ok = outbox(env, "--database-url", database_url, "status", "--json")
+    assert json.loads(ok.stdout)["counts"]["queued"] == 0
+    missing = database_url.replace("dbname=", "dbname=missing_")
+    line = one_line_error(outbox(env, "status", "--database-url", missing, check=False), code=3)
+    assert "does not exist" in line and "createdb" in line
