@@ -4,33 +4,12 @@ and on what the SMTP server receives."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from cryptography.fernet import Fernet
 
-
-def outbox(env, *args, input=None, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
-        env=env,
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"outbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-    return proc
-
-
-def one_line_error(proc, code=1):
-    assert proc.returncode == code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("outbox: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+from tests.helpers import one_line_error
+from tests.helpers import outbox_cli as outbox
 
 
 def count(db):

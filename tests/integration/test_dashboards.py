@@ -26,6 +26,7 @@ from outbox import connectors
 from outbox.connectors import NewConnector
 from outbox.message import Attachment
 from tests.conftest import wait_until
+from tests.helpers import add_gateway
 from tests.smtp import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,18 +35,7 @@ VIEWS = ("outbox.outbox_view", "outbox.sent_items", "outbox.connector_health")
 
 
 def gateway(db, server, name="gw", **kw):
-    connectors.add(
-        db,
-        NewConnector(
-            name=name,
-            direction="outgoing",
-            address=f"{name}@relay.example",
-            host="localhost",
-            port=server.port,
-            default_gateway=True,
-            **kw,
-        ),
-    )
+    add_gateway(db, server, name, **kw)
 
 
 def send(db, subject="s", to=("x@example.org",), from_addr="app@example.com", **kw):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
+from tests.helpers import add_gateway
 
 
 @pytest.fixture
@@ -16,18 +15,7 @@ def fast_retries(db):
 
 
 def gateway(db, server, **kw):
-    connectors.add(
-        db,
-        NewConnector(
-            name="gw",
-            direction="outgoing",
-            address="gw@relay.example",
-            host="localhost",
-            port=server.port,
-            default_gateway=True,
-            **kw,
-        ),
-    )
+    add_gateway(db, server, **kw)
 
 
 def enqueue(db, to=("x@example.org",)):

@@ -20,48 +20,20 @@ from outbox import connectors
 from outbox.connectors import NewConnector
 from outbox.message import Attachment
 from tests.conftest import wait_until
+from tests.helpers import add_gateway, one_line_error, outbox_cli
 
 
 def run(env, *args, check=True, stdin=subprocess.DEVNULL):
     """The `outbox` command with no terminal on stdin (so bulk prompts refuse)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
-        env=env,
-        stdin=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"outbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-    return proc
+    return outbox_cli(env, *args, stdin=stdin, check=check)
 
 
 def run_json(env, *args):
     return json.loads(run(env, *args, "--json").stdout)
 
 
-def one_line_error(proc, code=1):
-    assert proc.returncode == code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("outbox: error: "), proc.stderr
-    return lines[0]
-
-
 def gateway(db, server, name="gw", **kw):
-    connectors.add(
-        db,
-        NewConnector(
-            name=name,
-            direction="outgoing",
-            address=f"{name}@relay.example",
-            host="localhost",
-            port=server.port,
-            default_gateway=True,
-            **kw,
-        ),
-        actor="test",
-    )
+    add_gateway(db, server, name, actor="test", **kw)
 
 
 def send(db, subject="s", to=("x@example.org",), **kw):

@@ -8,24 +8,12 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
 from tests.conftest import wait_until
+from tests.helpers import add_gateway
 
 
 def gateway(db, server, name="gw", **kw):
-    connectors.add(
-        db,
-        NewConnector(
-            name=name,
-            direction="outgoing",
-            address=f"{name}@relay.example",
-            host="localhost",
-            port=server.port,
-            default_gateway=True,
-            **kw,
-        ),
-    )
+    add_gateway(db, server, name, **kw)
 
 
 def test_enqueued_message_arrives_and_is_marked_sent(db, smtp, pipeline):

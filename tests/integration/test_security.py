@@ -16,22 +16,13 @@ from cryptography.fernet import Fernet
 import outbox
 from outbox import connectors
 from outbox.connectors import NewConnector
+from tests.helpers import outbox_cli
 
 SECRET = "Pw-9f8e7d6c5b4a-unique-secret"
 
 
 def outbox_cmd(env, *args, input=None, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
-        env=env,
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    return outbox_cli(env, *args, input=input, check=check)
 
 
 def enqueue(db, to="x@example.org", **kw):
