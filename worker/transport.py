@@ -148,7 +148,6 @@ class ConnectorPool:
         sender: str,
         recipients: Sequence[str],
         content: bytes,
-        on_phase: Callable[[str], None] = lambda p: None,
         before_data: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Send one message to `recipients`; never raises for SMTP or network trouble."""
@@ -157,7 +156,6 @@ class ConnectorPool:
 
         def phase(p: str) -> None:
             outcome.phase = p
-            on_phase(p)
 
         async with self._slots:
             client = self._idle.pop() if self._idle else None
