@@ -22,7 +22,7 @@ ins AS (
            %(idempotency_key)s, %(send_after)s, %(message_id)s, %(size_bytes)s, %(content)s
       FROM limits, route
      WHERE route.routable AND (%(size_bytes)s <= limits.max_message_bytes OR %(system_generated)s)
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id)
 SELECT (SELECT id FROM ins) AS id, (SELECT max_message_bytes FROM limits) AS max_message_bytes,
        (SELECT routable FROM route) AS routable;

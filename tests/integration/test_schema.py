@@ -181,3 +181,38 @@ def test_db_init_upgrades_an_older_database(db):
     } <= cols
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute("UPDATE outbox.settings SET ambiguous_policy = 'sometimes'")
+
+
+def test_line_breaks_refused_when_sql_updates_a_header_column(db):
+    row_id = db.execute(MINIMAL + " RETURNING id", ["a@example.com", ["b@example.org"], "s", "t"]).fetchone()[
+        0
+    ]
+    with pytest.raises(psycopg.errors.CheckViolation, match="message_headers_single_line"):
+        db.execute(
+            "UPDATE outbox.message SET subject = %s WHERE id = %s", ["hi\r\nBcc: x@evil.example", row_id]
+        )
+    with pytest.raises(psycopg.errors.CheckViolation, match="message_custom_headers_valid"):
+        db.execute("UPDATE outbox.message SET headers = %s WHERE id = %s", ['{"X-A": "1\\nBcc: x"}', row_id])
+    assert db.execute("SELECT subject FROM outbox.message WHERE id = %s", [row_id]).fetchone()[0] == "s"
+
+
+def test_deleting_a_connector_clears_it_from_its_messages(db):
+    cid = db.execute(
+        "INSERT INTO outbox.connector (name, direction, address, host, port, security)"
+        " VALUES ('gone', 'outgoing', 'gone@example.com', '127.0.0.1', 25, 'none') RETURNING id"
+    ).fetchone()[0]
+    row_id = db.execute(MINIMAL + " RETURNING id", ["a@example.com", ["b@example.org"], "s", "t"]).fetchone()[
+        0
+    ]
+    db.execute("UPDATE outbox.message SET connector_id = %s WHERE id = %s", [cid, row_id])
+    db.execute("DELETE FROM outbox.connector WHERE id = %s", [cid])
+    assert db.execute("SELECT connector_id FROM outbox.message WHERE id = %s", [row_id]).fetchone()[0] is None
+
+
+def test_idempotency_keys_stay_unique(db):
+    sql = MINIMAL.replace("text_body)", "text_body, idempotency_key)").replace("%s)", "%s, %s)")
+    db.execute(sql, ["a@example.com", ["b@example.org"], "s", "t", "order-1"])
+    db.execute(sql, ["a@example.com", ["b@example.org"], "s", "t", None])
+    db.execute(sql, ["a@example.com", ["b@example.org"], "s", "t", None])
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute(sql, ["a@example.com", ["b@example.org"], "s", "t", "order-1"])
