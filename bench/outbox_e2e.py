@@ -20,7 +20,15 @@ from typing import Any
 
 import psycopg
 
-from bench.common import FROM_ADDR, GATEWAY_ADDR, INSERT_OUTBOX_SQL, body, insert_params, to_addr
+from bench.common import (
+    FROM_ADDR,
+    GATEWAY_ADDR,
+    INSERT_OUTBOX_SQL,
+    POLL_SECONDS,
+    body,
+    insert_params,
+    to_addr,
+)
 from bench.infra import Databases, RssSampler, clean_redis, connect
 
 MiB = 1024 * 1024
@@ -192,7 +200,7 @@ def throughput(
             warm_at: float | None = None
             warm_cpu, warm_sent, done_cpu = 0.0, 0, 0.0
             try:
-                for _ in range(int(deadline_s / 0.05) + 1):  # bounded by count and time
+                for _ in range(int(deadline_s / POLL_SECONDS) + 1):  # bounded by count and time
                     sent, bad = _counts(conn)
                     if warm_at is None and sent >= max(1, n // 10):
                         warm_at, warm_cpu, warm_sent = time.monotonic(), sampler.sample(), sent
@@ -203,7 +211,7 @@ def throughput(
                         raise RuntimeError(f"outbox run exited {proc.returncode}; see {log_path}")
                     if time.monotonic() - t0 > deadline_s:
                         raise RuntimeError(f"timed out after {deadline_s:.0f}s with {sent}/{n} sent")
-                    time.sleep(0.05)
+                    time.sleep(POLL_SECONDS)
                 done_at = time.monotonic()
                 if bad:
                     raise RuntimeError(f"{bad} of {n} rows did not end `sent`; see {log_path}")

@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 
 from bench import outbox_e2e as e2e
+from bench.common import POLL_SECONDS
 from bench.infra import PG_ADMIN_DEFAULT, REDIS_DEFAULT, Databases, RssSampler, load_average, machine_facts
 from bench.sink import Sink, smtp_source_path
 
@@ -285,7 +286,7 @@ def django_run(python: Path, dbs: Databases, port: int, n: int, workdir: Path) -
                             raise RuntimeError(f"send_queued_mail exited {proc.returncode}, {sent}/{n} sent")
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"timed out with {sent}/{n} sent")
-                        time.sleep(0.05)
+                        time.sleep(POLL_SECONDS)
                     if failed:
                         raise RuntimeError(f"{failed} of {n} emails failed; see {log_path}")
                     first, last = conn.execute(
