@@ -5,11 +5,12 @@ lease by Postgres."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
+import time
 
 import dramatiq
 
@@ -96,35 +97,55 @@ def run_worker(config: Config, stop: threading.Event) -> None:
         worker.stop()
 
 
-def _spawn_workers(config: Config, count: int) -> list[subprocess.Popen[bytes]]:
-    """More worker processes, configured through the environment like this one."""
-    env = dict(os.environ)
-    for key, value in config.model_dump().items():
-        if value is not None:
-            env[f"OUTBOX_{key.upper()}"] = str(value)
-    args = [sys.executable, "-m", "outbox.cli", "worker", "--processes", "1"]
-    children = []
+def _fork_workers(config: Config, count: int, stop: threading.Event) -> list[int]:
+    """More worker processes, forked from this one before it starts any thread or connection:
+    they share its imports and configuration, so they are ready at once (a second interpreter
+    importing Dramatiq, psycopg, redis... took as long as the parent's whole start-up). Each
+    child stops on SIGTERM/SIGINT like this process (the handlers are inherited) and serves
+    its own metrics on the next port up."""
+    if count and threading.active_count() > 1:
+        raise RuntimeError("worker processes must be forked before any thread starts")
+    pids = []
     for i in range(1, count + 1):
-        # Each process has its own counters: child i serves them on the next port up.
-        if config.metrics_port is not None:
-            env["OUTBOX_METRICS_PORT"] = str(config.metrics_port + i)
-        else:
-            env.pop("OUTBOX_METRICS_PORT", None)
-        children.append(subprocess.Popen(args, env=env))
-    return children
+        port = config.metrics_port + i if config.metrics_port is not None else None
+        pid = os.fork()
+        if pid == 0:  # the child: one worker process, never back into the caller's code
+            code = 1
+            try:
+                metrics.serve(port, config.metrics_host)
+                run_worker(config, stop)
+                code = 0
+            except BaseException:
+                log.exception("worker process failed")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return pids
 
 
-def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        child.send_signal(signal.SIGTERM)
-    for child in children:
-        child.wait(timeout=600)
+def _stop_children(pids: list[int], timeout_seconds: float = 600) -> None:
+    """SIGTERM every child (each finishes its in-flight sends), then reap them; a child still
+    running after `timeout_seconds` is killed."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_seconds
+    for pid in pids:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                log.warning("worker process did not stop; killing it", pid=pid)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
 
 
 def run_all_workers(config: Config, stop: threading.Event) -> None:
     """`config.worker_processes` worker processes: this one and children."""
+    children = _fork_workers(config, config.worker_processes - 1, stop)
     metrics.serve(config.metrics_port, config.metrics_host)
-    children = _spawn_workers(config, config.worker_processes - 1)
     try:
         run_worker(config, stop)
     finally:
@@ -133,8 +154,8 @@ def run_all_workers(config: Config, stop: threading.Event) -> None:
 
 def run_all(config: Config, stop: threading.Event, *, until_idle: bool = False) -> None:
     """Poller and workers for one machine: one worker in this process, more as children."""
+    children = _fork_workers(config, config.worker_processes - 1, stop)
     metrics.serve(config.metrics_port, config.metrics_host)
-    children = _spawn_workers(config, config.worker_processes - 1)
     worker = WorkerProcess(config)
     worker.start()
     poller_thread = threading.Thread(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -222,11 +223,38 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def _scrape_all(ports: list[int]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every worker process's metrics, summed per series (as Prometheus' `sum` would)."""
+    total: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for port in ports:
+        for key, value in _scrape(port).items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def _free_ports(n: int) -> list[int]:
+    """n consecutive free ports (worker process i serves metrics on port + i)."""
+    for _ in range(100):
+        first = free_port()
+        ports = list(range(first, first + n))
+        try:
+            for p in ports[1:]:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return ports
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def test_metrics_endpoint_while_mail_flows(db, smtp, cli_env, tmp_path):
     gateway(db, smtp)
     db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.4")
     smtp.recorder.data_replies.append("451 4.3.0 try again later")
-    port = free_port()
+    # Two worker processes, each counting what it sent: the first try and the retry may be
+    # sent by different processes, so the test adds up both endpoints like a dashboard would.
+    ports = _free_ports(2)
+    port = ports[0]
     env = dict(cli_env, OUTBOX_METRICS_REFRESH_SECONDS="0.2")
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(
@@ -240,6 +268,8 @@ def test_metrics_endpoint_while_mail_flows(db, smtp, cli_env, tmp_path):
             "--metrics-host",
             "127.0.0.1",
             "--threads",
+            "2",
+            "--processes",
             "2",
         ],
         env=env,
@@ -261,12 +291,13 @@ def test_metrics_endpoint_while_mail_flows(db, smtp, cli_env, tmp_path):
 
         def scraped():
             try:
-                samples = _scrape(port)
+                samples = _scrape_all(ports)
             except OSError:
                 return None
-            return samples if _value(samples, "outbox_messages", status="sent") == 1 else None
+            sends = _value(samples, "outbox_send_duration_seconds_count")
+            return samples if _value(samples, "outbox_messages", status="sent") == 1 and sends == 2 else None
 
-        samples = wait_until(scraped, timeout=30, what="the messages-by-status gauge to show it sent")
+        samples = wait_until(scraped, timeout=30, what="the gauge to show it sent and both attempts counted")
         assert _value(samples, "outbox_sends_total", connector="gw", status="sent") == 1
         assert _value(samples, "outbox_sends_total", connector="gw", status="retry") == 1
         assert _value(samples, "outbox_retries_total", connector="gw") == 1
