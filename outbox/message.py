@@ -10,6 +10,7 @@ import email.policy
 import functools
 import mimetypes
 import re
+import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,14 +50,32 @@ class _HeaderRegistry(HeaderRegistry):
 
 _REGISTRY = _HeaderRegistry()
 
+
+class _Policy(email.policy.EmailPolicy):
+    """The stock policy with a short cut for the common header: a header object from the
+    registry whose value is ASCII and fits on one line is written as "Name: value" -- exactly
+    what the stock folder returns for it (its parse tree fits whole on the first line, so
+    the folder appends it unchanged; tests compare both on every message they build). Everything
+    else (non-ASCII, long, or not a header object) goes through the stock folder. Folding was
+    the largest part of rendering (30%)."""
+
+    def _fold(self, name: str, value: Any, refold_binary: bool = False) -> str:
+        if hasattr(value, "name") and value.isascii():
+            if not value._parse_tree:
+                return f"{name}:{self.linesep}"
+            if len(name) + 2 + len(value) <= (self.max_line_length or sys.maxsize):
+                return f"{name}: {value}{self.linesep}"
+        return super()._fold(name, value, refold_binary)  # type: ignore[no-any-return]
+
+
 # Bodies are transfer-encoded to 7 bit so any server takes them (no 8BITMIME needed).
 # Header lines are not folded below RFC 5322's 998 octets: Python 3.11 drops the space between
 # two encoded words at a fold ("schöne Grüße" arrives as "schöneGrüße"); values are capped so
 # an encoded header still fits on one line.
-POLICY = email.policy.SMTP.clone(cte_type="7bit", max_line_length=998, header_factory=_REGISTRY)
+POLICY = _Policy(linesep="\r\n", cte_type="7bit", max_line_length=998, header_factory=_REGISTRY)
 # Addresses with a non-ASCII local part need an SMTPUTF8 message: UTF-8 headers, sent only
 # through a server that offers SMTPUTF8 (the transport checks, and fails it for good otherwise).
-POLICY_UTF8 = email.policy.SMTPUTF8.clone(cte_type="7bit", max_line_length=998, header_factory=_REGISTRY)
+POLICY_UTF8 = POLICY.clone(utf8=True)
 
 IMPORTANCE = ("high", "normal", "low")
 _IMPORTANCE_PRIORITY = {"high": 10, "normal": 0, "low": -10}
