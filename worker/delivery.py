@@ -78,7 +78,7 @@ class Batch:
 
 @dataclass
 class Result:
-    """One attempt's outcome, ready for `finish_attempt`."""
+    """One attempt's outcome, ready for `finish_attempts` (see finish_params)."""
 
     row: dict[str, Any]
     params: dict[str, Any]
@@ -342,16 +342,15 @@ class Delivery:
         """Write every outcome of the batch in one round trip, each only while this worker
         still holds that row's lease. A result that cannot be written is retried, never
         forgotten; past the lease the row is re-dispatched by the poller anyway."""
-        written: list[int] = []
+        params = finish_params([r.params for r in results])
         async for attempt in db_retry(settings.lease_seconds):
             with attempt:
-                written = []
-                async with self.pool.connection() as conn, conn.cursor() as cur:
-                    await cur.executemany(Q["finish_attempt"], [r.params for r in results], returning=True)
-                    async for _ in cur.results():
-                        written.append(((await cur.fetchone()) or (0,))[0])
-        for r, ok in zip(results, written, strict=True):
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(Q["finish_attempts"], params)
+                    written = {row[0] for row in await cur.fetchall()}
+        for r in results:
             p = r.params
+            ok = p["id"] in written
             if p["connector_name"] is not None and p["outcome"] != "held":
                 metrics.observe_send(p["connector_name"], p["status"], r.smtp_code, r.seconds)
             if not ok:
@@ -373,6 +372,41 @@ class Delivery:
                     smtp_code=p["smtp_code"],
                     error=p["last_error"],
                 )
+
+
+# `finish_attempts` takes a batch as one array per column: array name -> key of a Result's params.
+_OUTCOME_ARRAYS = {
+    "ids": "id",
+    "lease_tokens": "lease_token",
+    "statuses": "status",
+    "refunds": "refund",
+    "next_attempt_ats": "next_attempt_at",
+    "connector_ids": "connector_id",
+    "connector_names": "connector_name",
+    "phases": "phase",
+    "outcomes": "outcome",
+    "errors": "last_error",
+    "smtp_codes": "smtp_code",
+    "smtp_replies": "smtp_reply",
+    "failures": "failure",
+    "started_ats": "started_at",
+}
+_RECIPIENT_ARRAYS = {
+    "r_addrs": "r_addrs",
+    "r_statuses": "r_status",
+    "r_codes": "r_codes",
+    "r_replies": "r_replies",
+}
+
+
+def finish_params(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The outcomes of a batch (one Result.params each) as the arrays of `finish_attempts`:
+    one statement for the whole batch instead of one per message."""
+    params = {array: [o[key] for o in outcomes] for array, key in _OUTCOME_ARRAYS.items()}
+    params["r_ids"] = [o["id"] for o in outcomes for _ in o["r_addrs"]]
+    for array, key in _RECIPIENT_ARRAYS.items():
+        params[array] = [v for o in outcomes for v in o[key]]
+    return params
 
 
 def _result(

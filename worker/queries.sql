@@ -125,38 +125,51 @@ UPDATE outbox.message SET phase = %(phase)s
  WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending'
    AND lease_expires_at > now();
 
--- finish_attempt --
--- Write an attempt's outcome, only while this worker still holds the lease (fencing): the
--- row, its attempt history and its per-recipient results, in one statement.
-WITH done AS (
-    UPDATE outbox.message
-       SET status = %(status)s,
-           attempts = attempts - %(refund)s,
-           next_attempt_at = coalesce(%(next_attempt_at)s, next_attempt_at),
-           connector_id = coalesce(%(connector_id)s, connector_id),
-           phase = %(phase)s, last_error = %(last_error)s,
-           last_smtp_code = %(smtp_code)s, last_smtp_reply = %(smtp_reply)s,
-           sent_at = CASE WHEN %(status)s IN ('sent', 'partial') THEN now() ELSE sent_at END,
-           first_failed_at = CASE WHEN %(failure)s THEN coalesce(first_failed_at, now())
-                             ELSE first_failed_at END,
+-- finish_attempts --
+-- Write the outcomes of a batch of attempts in one statement, each only while this worker
+-- still holds that row's lease (fencing): the rows, their attempt history and their
+-- per-recipient results. Returns the ids written (a row whose lease was lost is left out).
+WITH outcome AS (
+    SELECT *
+      FROM unnest(%(ids)s::bigint[], %(lease_tokens)s::uuid[], %(statuses)s::text[],
+                  %(refunds)s::int[], %(next_attempt_ats)s::timestamptz[],
+                  %(connector_ids)s::int[], %(connector_names)s::text[], %(phases)s::text[],
+                  %(outcomes)s::text[], %(errors)s::text[], %(smtp_codes)s::int[],
+                  %(smtp_replies)s::text[], %(failures)s::bool[], %(started_ats)s::timestamptz[])
+        AS o(id, lease_token, status, refund, next_attempt_at, connector_id, connector_name,
+             phase, outcome, error, smtp_code, smtp_reply, failure, started_at)),
+done AS (
+    UPDATE outbox.message m
+       SET status = o.status,
+           attempts = m.attempts - o.refund,
+           next_attempt_at = coalesce(o.next_attempt_at, m.next_attempt_at),
+           connector_id = coalesce(o.connector_id, m.connector_id),
+           phase = o.phase, last_error = o.error,
+           last_smtp_code = o.smtp_code, last_smtp_reply = o.smtp_reply,
+           sent_at = CASE WHEN o.status IN ('sent', 'partial') THEN now() ELSE m.sent_at END,
+           first_failed_at = CASE WHEN o.failure THEN coalesce(m.first_failed_at, now())
+                             ELSE m.first_failed_at END,
            lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-     WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending'
-    RETURNING id, attempts),
+      FROM outcome o
+     WHERE m.id = o.id AND m.lease_token = o.lease_token AND m.status = 'sending'
+    RETURNING m.id, m.attempts),
 history AS (
     INSERT INTO outbox.attempt (message_id, attempt, connector_id, connector_name, started_at,
                                 phase, outcome, smtp_code, smtp_reply, error)
-    SELECT id, attempts + %(refund)s, %(connector_id)s, %(connector_name)s, %(started_at)s,
-           %(phase)s, %(outcome)s, %(smtp_code)s, %(smtp_reply)s, %(last_error)s
-      FROM done),
+    SELECT o.id, done.attempts + o.refund, o.connector_id, o.connector_name, o.started_at,
+           o.phase, o.outcome, o.smtp_code, o.smtp_reply, o.error
+      FROM done JOIN outcome o USING (id)),
 results AS (
     INSERT INTO outbox.recipient (message_id, addr, status, smtp_code, smtp_reply)
-    SELECT done.id, r.addr, r.status, r.code, r.reply
-      FROM done, unnest(%(r_addrs)s::text[], %(r_status)s::text[], %(r_codes)s::int[],
-                        %(r_replies)s::text[]) AS r(addr, status, code, reply)
+    SELECT r.message_id, r.addr, r.status, r.code, r.reply
+      FROM unnest(%(r_ids)s::bigint[], %(r_addrs)s::text[], %(r_statuses)s::text[],
+                  %(r_codes)s::int[], %(r_replies)s::text[])
+           AS r(message_id, addr, status, code, reply)
+      JOIN done ON done.id = r.message_id
     ON CONFLICT (message_id, addr) DO UPDATE
        SET status = EXCLUDED.status, smtp_code = EXCLUDED.smtp_code,
            smtp_reply = EXCLUDED.smtp_reply, updated_at = now())
-SELECT count(*) AS written FROM done;
+SELECT id FROM done;
 
 -- pending_work --
 -- What the pipeline has to move now: due, or in flight (later retries and schedules wait).

@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from psycopg.rows import dict_row
 
 from outbox.sql import queries
+from worker.delivery import finish_params
 
 Q = queries("worker")
 OUTCOMES = {
@@ -84,28 +85,32 @@ def make_machine(database_url: str) -> type[RuleBasedStateMachine]:
             before = self.row()
             status, code = OUTCOMES[outcome]
             written = self.conn.execute(
-                Q["finish_attempt"],
-                {
-                    "id": self.id,
-                    "lease_token": token,
-                    "status": status,
-                    "refund": 0,
-                    "next_attempt_at": None,
-                    "connector_id": None,
-                    "connector_name": "c",
-                    "phase": "dot",
-                    "outcome": outcome,
-                    "last_error": None,
-                    "smtp_code": code,
-                    "smtp_reply": "x",
-                    "failure": status != "sent",
-                    "started_at": before["created_at"],
-                    "r_addrs": ["b@example.org"],
-                    "r_status": ["sent" if code == 250 else "failed"],
-                    "r_codes": [code],
-                    "r_replies": ["x"],
-                },
-            ).fetchone()["written"]
+                Q["finish_attempts"],
+                finish_params(
+                    [
+                        {
+                            "id": self.id,
+                            "lease_token": token,
+                            "status": status,
+                            "refund": 0,
+                            "next_attempt_at": None,
+                            "connector_id": None,
+                            "connector_name": "c",
+                            "phase": "dot",
+                            "outcome": outcome,
+                            "last_error": None,
+                            "smtp_code": code,
+                            "smtp_reply": "x",
+                            "failure": status != "sent",
+                            "started_at": before["created_at"],
+                            "r_addrs": ["b@example.org"],
+                            "r_status": ["sent" if code == 250 else "failed"],
+                            "r_codes": [code],
+                            "r_replies": ["x"],
+                        }
+                    ]
+                ),
+            ).rowcount
             live = before["status"] == "sending" and str(before["lease_token"]) == token
             assert written == (1 if live else 0), (before, token)
             if written and status == "sent":
