@@ -72,6 +72,9 @@ class WorkerProcess:
             worker_threads=config.worker_threads,
             worker_timeout=CONSUMER_POLL_MS,
         )
+        # Take one batch per thread from Redis, not two: a prefetched batch waits in this
+        # process while another process may be idle (the last batches of a burst).
+        self.worker.queue_prefetch = config.worker_threads
 
     def start(self) -> None:
         self.worker.start()

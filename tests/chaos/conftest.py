@@ -87,8 +87,9 @@ class Chaos:
         self.processes.append(p)
         return p
 
-    def poller(self) -> OutboxProcess:
-        return self.start("poll")
+    def poller(self, dispatch_batch: int | None = None) -> OutboxProcess:
+        env = {"OUTBOX_DISPATCH_BATCH": str(dispatch_batch)} if dispatch_batch else {}
+        return self.start("poll", **env)
 
     def worker(self, threads: int = 4) -> OutboxProcess:
         return self.start("worker", "--threads", str(threads))

@@ -134,7 +134,7 @@ def test_stale_worker_stopped_past_its_lease_writes_nothing(chaos: Chaos):
     recorder = chaos.server.recorder
     recorder.data_delay = 0.05
     chaos.enqueue(60)
-    chaos.poller()
+    chaos.poller(dispatch_batch=10)  # outcomes land batch by batch, so the stop lands mid-run
     stale = chaos.worker(threads=4)
     chaos.wait_sent(5)
     assert chaos.count("sent") < 50, "the stop must land mid-run"
