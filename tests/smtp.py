@@ -84,6 +84,9 @@ class Recorder:
             if reply == "drop":  # cut the connection in the middle of the envelope
                 server.transport.abort()
                 return "250 OK (never seen)"
+            if reply.startswith("slow:"):  # accept, that late
+                await asyncio.sleep(float(reply.split(":", 1)[1]))
+                reply = "250 OK"
             if not reply.startswith("250"):
                 return reply
         envelope.rcpt_tos.append(address)

@@ -130,6 +130,31 @@ def test_reply_slower_than_the_timeout_after_the_dot_is_ambiguous(db, smtp, pipe
     assert outcomes(db, msg_id)[0] == "ambiguous"
 
 
+def test_reply_slower_than_the_timeout_in_the_envelope_is_retried(db, smtp, pipeline, fast_retries):
+    """Every reply gets smtp_timeout_seconds, not just the first of a transaction."""
+    gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET smtp_timeout_seconds = 0.3")
+    smtp.recorder.script_rcpt("late@example.org", "slow:1.5", "250 OK")
+    msg_id = enqueue(db, to=["late@example.org"])
+    pipeline.until_status(msg_id, "sent")
+    first = db.execute(
+        "SELECT outcome, phase, error FROM outbox.attempt WHERE message_id = %s ORDER BY id LIMIT 1", [msg_id]
+    ).fetchone()
+    assert first[:2] == ("retry", "rcpt")
+    assert "Timed out waiting for server response" in first[2]
+    assert len(smtp.recorder.wait_for(1)) == 1
+
+
+def test_a_transaction_longer_than_the_timeout_is_fine_when_each_reply_is_in_time(db, smtp, pipeline):
+    gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET smtp_timeout_seconds = 1.0")
+    smtp.recorder.script_rcpt("late@example.org", "slow:0.6")
+    smtp.recorder.data_replies.append("slow:0.6")
+    msg_id = enqueue(db, to=["late@example.org"])
+    pipeline.until_status(msg_id, "sent")
+    assert outcomes(db, msg_id) == ["sent"]
+
+
 def test_bad_credentials_back_off_the_connector_not_the_messages(
     db, smtp_factory, pipeline, ca_file, monkeypatch, fast_retries
 ):
