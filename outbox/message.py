@@ -21,8 +21,6 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
 from outbox.errors import ValidationError
 
 
@@ -183,6 +181,9 @@ def check_address(addr: str, what: str) -> str:
     if not isinstance(addr, str) or not addr:
         raise ValidationError(f"{what}: an address is required")
     check_line(addr, what)
+    # Imported here: workers build messages but never validate addresses (start-up time).
+    from email_validator import EmailNotValidError, validate_email
+
     try:
         info = validate_email(
             addr,
