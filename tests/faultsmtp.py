@@ -42,7 +42,7 @@ class ScriptedServer:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def reply(text: str) -> bool:
-            writer.write(f"{text}\r\n".encode())
+            writer.write(f"{text}\r\n".encode("utf-8", "surrogateescape"))  # "\udcXX": raw byte XX
             await writer.drain()
             return not text.startswith("421")
 

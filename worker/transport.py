@@ -102,9 +102,18 @@ async def reply_timer(seconds: float) -> AsyncIterator[ReplyTimer]:
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
 
 
+def readable(text: str) -> str:
+    """Server text as Postgres can store it: bytes that were not UTF-8 (aiosmtplib keeps them
+    as surrogate escapes) become U+FFFD and NUL is dropped; otherwise an outcome with an old
+    server's Latin-1 reply could not be written, and the message would be sent again."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\x00", "")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:500]
+    return readable(f"{type(exc).__name__}: {text}"[:500])
 
 
 class ConnectorPool:
@@ -213,7 +222,7 @@ class ConnectorPool:
     @staticmethod
     def _fail(outcome: Outcome, exc: BaseException, recipients: Sequence[str]) -> None:
         if isinstance(exc, SMTPResponseException) and exc.code > 0:
-            outcome.code, outcome.reply = exc.code, exc.message
+            outcome.code, outcome.reply = exc.code, readable(exc.message)
         outcome.error = _describe(exc)
         if isinstance(exc, ConfigurationError):
             verdict = Verdict.TRANSIENT
@@ -260,13 +269,13 @@ class ConnectorPool:
                 resp = await client.rcpt(addr, encoding=encoding, timeout=None)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 outcome.verdicts[original] = classify("rcpt", exc.code)
-                outcome.replies[original] = (exc.code, exc.message)
+                outcome.replies[original] = (exc.code, readable(exc.message))
                 if exc.code == 421:  # the server is closing: the rest wait for next time
                     raise
                 continue
             accepted.append(original)
             outcome.verdicts[original] = Verdict.ACCEPTED
-            outcome.replies[original] = (resp.code, resp.message)
+            outcome.replies[original] = (resp.code, readable(resp.message))
         timer.disarm()  # RSET and the lease check below have their own timeouts
         if not accepted:
             outcome.code, outcome.reply = outcome.replies[recipients[-1]]
@@ -291,11 +300,11 @@ class ConnectorPool:
         client.protocol.write(_dot_stuff(content))
         timer.arm()
         resp = await client.protocol.read_response(timeout=None)
-        outcome.code, outcome.reply = resp.code, resp.message
+        outcome.code, outcome.reply = resp.code, readable(resp.message)
         verdict = classify("dot", resp.code)
         for r in accepted:
             outcome.verdicts[r] = verdict
-            outcome.replies[r] = (resp.code, resp.message)
+            outcome.replies[r] = (resp.code, outcome.reply)
         if resp.code == 421:
             client.close()
 

@@ -219,6 +219,25 @@ def test_every_reply_at_every_phase(db, pipeline, phase, code):
         server.stop()
 
 
+@pytest.mark.parametrize("phase", ["rcpt", "dot"])
+def test_a_reply_that_is_not_utf8_is_recorded_readably(db, pipeline, phase):
+    """Old servers answer in Latin-1, some with NUL bytes: the outcome is still written (with
+    U+FFFD for what does not decode), never left to a lease expiry and a resend."""
+    from tests.faultsmtp import ScriptedServer
+
+    server = ScriptedServer(**{phase: "550 5.1.1 Empf\udce4nger unbekannt\x00 (Latin-1)"})
+    try:
+        gateway(db, server)
+        msg_id = enqueue(db)
+        pipeline.until_status(msg_id, "failed")
+        reply, last_error, attempts = row(db, msg_id, "last_smtp_reply", "last_error", "attempts")
+        assert "Empf\ufffdnger unbekannt" in reply and "\x00" not in reply
+        assert "Empf\ufffdnger" in last_error
+        assert attempts == 1
+    finally:
+        server.stop()
+
+
 def test_connector_list_says_the_connector_is_backing_off(
     db, cli_env, smtp_factory, pipeline, ca_file, monkeypatch
 ):
