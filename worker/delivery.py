@@ -4,15 +4,19 @@ message's connector, send it, and write the outcome back under the lease."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -374,39 +378,28 @@ class Delivery:
                 )
 
 
-# `finish_attempts` takes a batch as one array per column: array name -> key of a Result's params.
-_OUTCOME_ARRAYS = {
-    "ids": "id",
-    "lease_tokens": "lease_token",
-    "statuses": "status",
-    "refunds": "refund",
-    "next_attempt_ats": "next_attempt_at",
-    "connector_ids": "connector_id",
-    "connector_names": "connector_name",
-    "phases": "phase",
-    "outcomes": "outcome",
-    "errors": "last_error",
-    "smtp_codes": "smtp_code",
-    "smtp_replies": "smtp_reply",
-    "failures": "failure",
-    "started_ats": "started_at",
-}
-_RECIPIENT_ARRAYS = {
-    "r_addrs": "r_addrs",
-    "r_statuses": "r_status",
-    "r_codes": "r_codes",
-    "r_replies": "r_replies",
-}
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def finish_params(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """The outcomes of a batch (one Result.params each) as the arrays of `finish_attempts`:
-    one statement for the whole batch instead of one per message."""
-    params = {array: [o[key] for o in outcomes] for array, key in _OUTCOME_ARRAYS.items()}
-    params["r_ids"] = [o["id"] for o in outcomes for _ in o["r_addrs"]]
-    for array, key in _RECIPIENT_ARRAYS.items():
-        params[array] = [v for o in outcomes for v in o[key]]
-    return params
+_dumps = functools.partial(json.dumps, default=_json_value)
+
+
+def finish_params(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Jsonb]:
+    """The outcomes of a batch (one Result.params each) as the two JSON arrays of
+    `finish_attempts`: one statement for the whole batch instead of one per message."""
+    recipients = [
+        {"message_id": o["id"], "addr": addr, "status": status, "code": code, "reply": reply}
+        for o in outcomes
+        for addr, status, code, reply in zip(
+            o["r_addrs"], o["r_status"], o["r_codes"], o["r_replies"], strict=True
+        )
+    ]
+    return {"outcomes": Jsonb(list(outcomes), dumps=_dumps), "recipients": Jsonb(recipients, dumps=_dumps)}
 
 
 def _result(
