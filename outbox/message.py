@@ -351,12 +351,20 @@ def needs_smtputf8(row: Mapping[str, Any]) -> bool:
     return any(not a.rpartition("@")[0].isascii() for a in addrs)
 
 
+@functools.lru_cache(maxsize=64)
+def _date_header(date: datetime) -> str:
+    """Rows written together share their created_at, and so their Date."""
+    return format_datetime(date)
+
+
 def build(
     row: Mapping[str, Any], attachments: Iterable[Attachment] = (), *, date: datetime | None
 ) -> EmailMessage:
     """Build the MIME message from a message row. Bcc never appears in it."""
     msg = EmailMessage(policy=POLICY_UTF8 if needs_smtputf8(row) else POLICY)
-    msg["From"] = header_address(row["from_addr"], row.get("from_name") or "")
+    # As its text, so the registry parses a sender it has seen once only (Address.__str__
+    # quotes the display name; tests parse From back for arbitrary names).
+    msg["From"] = str(header_address(row["from_addr"], row.get("from_name") or ""))
     if row.get("to_addrs"):
         msg["To"] = [header_address(a) for a in row["to_addrs"]]
     if row.get("cc_addrs"):
@@ -365,7 +373,7 @@ def build(
         msg["Reply-To"] = header_address(row["reply_to"])
     msg["Subject"] = row.get("subject") or ""
     msg["Message-ID"] = row["message_id"]
-    msg["Date"] = format_datetime(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"
+    msg["Date"] = _date_header(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"
     if row.get("importance") in _IMPORTANCE_HEADERS:
         importance, x_priority = _IMPORTANCE_HEADERS[row["importance"]]
         msg["Importance"] = importance
