@@ -12,8 +12,9 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib import SMTP
@@ -76,30 +77,30 @@ def _dot_stuff(content: bytes) -> bytes:
 
 class ReplyTimer:
     """Each server reply gets `seconds`, measured by one asyncio timer per transaction that is
-    moved before each command: aiosmtplib's own per-reply timeout (an asyncio.wait_for per
-    command) cost about a tenth of the client's CPU per message."""
+    moved before each command (`arm`): aiosmtplib's own per-reply timeout (an asyncio.wait_for
+    per command) cost about a tenth of the client's CPU per message. Used as `async with`;
+    running out raises aiosmtplib's read timeout, as aiosmtplib would."""
 
-    def __init__(self, timer: asyncio.Timeout, seconds: float) -> None:
-        self._timer, self._seconds = timer, seconds
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._timer = asyncio.timeout(None)
+
+    async def __aenter__(self) -> ReplyTimer:
         self._loop = asyncio.get_running_loop()
+        await self._timer.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._timer.__aexit__(*exc_info)
+        except TimeoutError as exc:  # ours ran out (an aiosmtplib timeout passes through)
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
 
     def arm(self) -> None:
         self._timer.reschedule(self._loop.time() + self._seconds)
 
     def disarm(self) -> None:
         self._timer.reschedule(None)
-
-
-@contextlib.asynccontextmanager
-async def reply_timer(seconds: float) -> AsyncIterator[ReplyTimer]:
-    """A ReplyTimer; running out raises aiosmtplib's read timeout, as aiosmtplib would."""
-    try:
-        async with asyncio.timeout(None) as timer:
-            yield ReplyTimer(timer, seconds)
-    except TimeoutError as exc:
-        if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-            raise
-        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
 
 
 def readable(text: str) -> str:
@@ -200,7 +201,7 @@ class ConnectorPool:
                 try:
                     if client is None or not client.is_connected:
                         client = await self.open(phase)
-                    async with reply_timer(self.timeout) as timer:
+                    async with ReplyTimer(self.timeout) as timer:
                         await self._transaction(
                             client, sender, recipients, content, outcome, phase, timer, before_data
                         )
