@@ -21,20 +21,10 @@ from tests.helpers import outbox_cli
 SECRET = "Pw-9f8e7d6c5b4a-unique-secret"
 
 
-def outbox_cmd(env, *args, input=None, check=True):
-    return outbox_cli(env, *args, input=input, check=check)
-
-
-def enqueue(db, to="x@example.org", **kw):
-    with db.transaction():
-        return outbox.enqueue(db, from_addr="app@example.com", to=[to], subject="s", text="t", **kw)
-
-
-def test_password_never_in_logs_arguments_or_errors(cli_env, db, smtp_factory, ca_file, tmp_path):
-    server = smtp_factory("starttls", username="u", password=SECRET)
-    key = Fernet.generate_key().decode()
-    env = dict(cli_env, OUTBOX_SECRET_KEY=key, OUTBOX_LOG_LEVEL="debug", OUTBOX_LOG_FORMAT="json")
-    outbox_cmd(
+def add_gateway_with_stored_password(env, server, ca_file):
+    """The TLS test server as System Default Gateway, its password given on stdin (stored
+    encrypted under $OUTBOX_SECRET_KEY)."""
+    outbox_cli(
         env,
         "connector",
         "add",
@@ -53,6 +43,18 @@ def test_password_never_in_logs_arguments_or_errors(cli_env, db, smtp_factory, c
         "--default-gateway",
         input=SECRET + "\n",
     )
+
+
+def enqueue(db, to="x@example.org", **kw):
+    with db.transaction():
+        return outbox.enqueue(db, from_addr="app@example.com", to=[to], subject="s", text="t", **kw)
+
+
+def test_password_never_in_logs_arguments_or_errors(cli_env, db, smtp_factory, ca_file, tmp_path):
+    server = smtp_factory("starttls", username="u", password=SECRET)
+    key = Fernet.generate_key().decode()
+    env = dict(cli_env, OUTBOX_SECRET_KEY=key, OUTBOX_LOG_LEVEL="debug", OUTBOX_LOG_FORMAT="json")
+    add_gateway_with_stored_password(env, server, ca_file)
     enqueue(db)
     # the worker's own command line, while it runs, carries no password either
     worker = subprocess.Popen(
@@ -83,8 +85,8 @@ def test_password_never_in_logs_arguments_or_errors(cli_env, db, smtp_factory, c
         db.execute("SELECT row_to_json(m) FROM outbox.message m WHERE id = %s", [failing]).fetchone()[0]
     )
     history = json.dumps([list(r) for r in db.execute("SELECT error, smtp_reply FROM outbox.attempt")])
-    listed = outbox_cmd(env, "connector", "list", "--json").stdout
-    shown = outbox_cmd(env, "show", str(failing), "--json").stdout
+    listed = outbox_cli(env, "connector", "list", "--json").stdout
+    shown = outbox_cli(env, "show", str(failing), "--json").stdout
     for where, text in [
         ("first run", output),
         ("second run", run.stdout + run.stderr),
@@ -130,28 +132,10 @@ def test_broker_messages_carry_only_ids_and_tokens(db, stopped_pipeline, config,
 def test_rotate_key_reencrypts_and_old_key_can_go(cli_env, db, smtp_factory, ca_file, pipeline, monkeypatch):
     server = smtp_factory("starttls", username="u", password=SECRET)
     old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
-    outbox_cmd(
-        dict(cli_env, OUTBOX_SECRET_KEY=old),
-        "connector",
-        "add",
-        "gw",
-        "--address",
-        "gw@example.com",
-        "--host",
-        "localhost",
-        "--port",
-        str(server.port),
-        "--username",
-        "u",
-        "--password-stdin",
-        "--ca-file",
-        ca_file,
-        "--default-gateway",
-        input=SECRET + "\n",
-    )
-    wrong = outbox_cmd(dict(cli_env, OUTBOX_SECRET_KEY=new), "connector", "rotate-key", check=False)
+    add_gateway_with_stored_password(dict(cli_env, OUTBOX_SECRET_KEY=old), server, ca_file)
+    wrong = outbox_cli(dict(cli_env, OUTBOX_SECRET_KEY=new), "connector", "rotate-key", check=False)
     assert wrong.returncode == 1 and "cannot be decrypted with any key" in wrong.stderr
-    done = outbox_cmd(dict(cli_env, OUTBOX_SECRET_KEY=f"{new},{old}"), "connector", "rotate-key")
+    done = outbox_cli(dict(cli_env, OUTBOX_SECRET_KEY=f"{new},{old}"), "connector", "rotate-key")
     assert "1 password(s) re-encrypted" in done.stdout
     monkeypatch.setenv("OUTBOX_SECRET_KEY", new)  # the old key is gone now
     msg_id = enqueue(db)
