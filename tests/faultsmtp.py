@@ -1,6 +1,11 @@
 """A scripted SMTP server: any reply at any phase (greeting, EHLO, MAIL, RCPT, the DATA
 command, after the final dot) — faults aiosmtpd cannot make. Runs on its own event loop
-thread; counts the messages it accepted."""
+thread; counts the messages it accepted.
+
+With `pipelining=True` it offers PIPELINING and counts the commands it read while the next
+one was already waiting (`pipelined`); without, it is strict, as Postfix is: a command sent
+before the reply to the one ahead of it gets "554 5.5.0 improper command pipelining"
+(`improper` counts them)."""
 
 from __future__ import annotations
 
@@ -13,12 +18,15 @@ PHASES = ("greeting", "ehlo", "mail", "rcpt", "data", "dot")
 
 
 class ScriptedServer:
-    def __init__(self, **replies: str) -> None:
+    def __init__(self, *, pipelining: bool = False, **replies: str) -> None:
         unknown = set(replies) - set(PHASES)
         assert not unknown, unknown
+        self.pipelining = pipelining
+        self.pipelined = 0
+        self.improper = 0
         self.replies = {
             "greeting": "220 fault.test ESMTP",
-            "ehlo": "250 fault.test",
+            "ehlo": "250-fault.test\r\n250 PIPELINING" if pipelining else "250 fault.test",
             "mail": "250 OK",
             "rcpt": "250 OK",
             "data": "354 go ahead",
@@ -52,6 +60,12 @@ class ScriptedServer:
                 return
             while line := await reader.readline():
                 verb = line[:4].upper()
+                if reader._buffer:  # the next command came before this one's reply
+                    if not self.pipelining:
+                        self.improper += 1
+                        await reply("554 5.5.0 improper command pipelining")
+                        return
+                    self.pipelined += 1
                 if verb == b"QUIT":
                     await reply("221 bye")
                     return
@@ -61,6 +75,8 @@ class ScriptedServer:
                 if verb == b"DATA" and text.startswith("354"):
                     while (chunk := await reader.readline()) and chunk != b".\r\n":
                         pass
+                    if not chunk:  # the client hung up before the final dot
+                        return
                     final = self.replies["dot"]
                     if final.startswith("250"):
                         self.accepted += 1

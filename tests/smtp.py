@@ -56,6 +56,9 @@ class Recorder:
     # When `gate` is set: DATA signals `data_started` and waits until `gate` is cleared.
     gate: threading.Event = field(default_factory=threading.Event)
     data_started: threading.Event = field(default_factory=threading.Event)
+    # Offer PIPELINING (RFC 2920), as Postfix, Exchange and the big providers do. aiosmtpd
+    # reads one command at a time from its stream, so it takes pipelined commands in order.
+    pipelining: bool = True
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -64,6 +67,8 @@ class Recorder:
             session.counted = True
             self.sessions += 1
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(

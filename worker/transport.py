@@ -1,5 +1,6 @@
 """SMTP transport: aiosmtplib connections pooled per connector, one phase-tracked
-transaction (MAIL, RCPT each, DATA, final dot) per message.
+transaction (MAIL, RCPT each, DATA, final dot) per message; when the server offers
+PIPELINING, the envelope and DATA go out in one write (two round trips per message, not 3+n).
 
 The envelope is always explicit; nothing is derived from headers. Credentials are only ever
 sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails loudly.
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
-from aiosmtplib import SMTP
+from aiosmtplib import SMTP, SMTPResponse
+from aiosmtplib.email import quote_address
 from aiosmtplib.errors import SMTPResponseException
+from aiosmtplib.protocol import SMTPProtocol
 
 from outbox.connectors import effective_security
 from outbox.errors import ConfigurationError
@@ -73,6 +76,28 @@ def _dot_stuff(content: bytes) -> bytes:
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
     return _DOT.sub(b"..", content) + b".\r\n"
+
+
+def _command(verb: bytes, prefix: bytes, address: str, options: list[bytes], encoding: str) -> bytes:
+    """`MAIL FROM:<a> OPTIONS` or `RCPT TO:<a>`, quoted and checked as aiosmtplib does (an
+    address that could inject a command raises ValueError)."""
+    return b" ".join([verb, prefix + quote_address(address).encode(encoding), *options]) + b"\r\n"
+
+
+# aiosmtplib's protocol parses one reply per chunk received and keeps the rest in its buffer;
+# a pipelined group's later replies are taken from there (a private method, checked here and
+# by the tests: without it the transport falls back to one command at a time).
+PIPELINED_READS = hasattr(SMTPProtocol, "_read_response_from_buffer")
+
+
+async def _next_reply(protocol: SMTPProtocol) -> SMTPResponse:
+    """The next reply of a pipelined group. No await between two calls: aiosmtplib drops data
+    that arrives while no reply is being awaited, and `read_response` marks one awaited
+    before it yields."""
+    buffered = protocol._read_response_from_buffer()
+    if buffered is not None:
+        return buffered
+    return await protocol.read_response(timeout=None)
 
 
 class ReplyTimer:
@@ -256,51 +281,72 @@ class ConnectorPool:
                     outcome.verdicts[r] = Verdict.PERMANENT
                     outcome.replies[r] = (None, outcome.error)
                 return
-            options, encoding = ["SMTPUTF8"], "utf-8"
+            options, encoding = [b"SMTPUTF8"], "utf-8"
         else:
             options, encoding = [], "ascii"
-        phase("mail")
-        timer.arm()
-        await client.mail(envelope_from, options=options, encoding=encoding, timeout=None)
-        accepted: list[str] = []
-        phase("rcpt")
-        for original, (addr, _) in zip(recipients, rcpts, strict=True):
-            try:
+        commands = [
+            _command(b"MAIL", b"FROM:", envelope_from, options, encoding),
+            *(_command(b"RCPT", b"TO:", addr, [], encoding) for addr, _ in rcpts),
+        ]
+        protocol = client.protocol
+        assert protocol is not None
+        if PIPELINED_READS and client.supports_extension("pipelining"):
+            # RFC 2920: the envelope and DATA in one write, their replies read in order. The
+            # lease check that guards DATA therefore comes before anything is written.
+            phase("mail")
+            if before_data is not None and not await before_data():
+                self._lease_lost(outcome, recipients)
+                return
+            protocol.write(b"".join(commands) + b"DATA\r\n")
+            timer.arm()
+            self._mail_reply(sender, await _next_reply(protocol))
+            phase("rcpt")
+            accepted = []
+            for original, _ in zip(recipients, rcpts, strict=True):
                 timer.arm()
-                resp = await client.rcpt(addr, encoding=encoding, timeout=None)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                outcome.verdicts[original] = classify("rcpt", exc.code)
-                outcome.replies[original] = (exc.code, readable(exc.message))
-                if exc.code == 421:  # the server is closing: the rest wait for next time
-                    raise
-                continue
-            accepted.append(original)
-            outcome.verdicts[original] = Verdict.ACCEPTED
-            outcome.replies[original] = (resp.code, readable(resp.message))
-        timer.disarm()  # RSET and the lease check below have their own timeouts
-        if not accepted:
-            outcome.code, outcome.reply = outcome.replies[recipients[-1]]
-            await client.rset()
-            return
-        if before_data is not None and not await before_data():
-            # Our lease ran out (the process was stopped, or stalled): another worker may own
-            # the row now, so this one must not send the content.
-            outcome.error = "lease lost before DATA: the message is left to its new owner"
-            for r in accepted:
-                outcome.verdicts[r] = Verdict.TRANSIENT
-                outcome.replies[r] = (None, outcome.error)
-            await client.rset()
-            return
-        phase("data")
-        timer.arm()
-        resp = await client.execute_command(b"DATA", timeout=None)
+                if self._rcpt_reply(outcome, original, await _next_reply(protocol)):
+                    accepted.append(original)
+            phase("data")
+            timer.arm()
+            resp = await _next_reply(protocol)
+            timer.disarm()
+            if not accepted:
+                outcome.phase = "rcpt"
+                outcome.code, outcome.reply = outcome.replies[recipients[-1]]
+                if resp.code == 354:  # a server that takes DATA without recipients: hang up
+                    client.close()
+                else:
+                    await client.rset()
+                return
+        else:
+            phase("mail")
+            timer.arm()
+            self._mail_reply(sender, await client.execute_command(commands[0][:-2], timeout=None))
+            phase("rcpt")
+            accepted = []
+            for original, command in zip(recipients, commands[1:], strict=True):
+                timer.arm()
+                resp = await client.execute_command(command[:-2], timeout=None)
+                if self._rcpt_reply(outcome, original, resp):
+                    accepted.append(original)
+            timer.disarm()  # RSET and the lease check below have their own timeouts
+            if not accepted:
+                outcome.code, outcome.reply = outcome.replies[recipients[-1]]
+                await client.rset()
+                return
+            if before_data is not None and not await before_data():
+                self._lease_lost(outcome, accepted)
+                await client.rset()
+                return
+            phase("data")
+            timer.arm()
+            resp = await client.execute_command(b"DATA", timeout=None)
         if resp.code != 354:
             raise aiosmtplib.SMTPDataError(resp.code, resp.message)
         phase("dot")
-        assert client.protocol is not None
-        client.protocol.write(_dot_stuff(content))
+        protocol.write(_dot_stuff(content))
         timer.arm()
-        resp = await client.protocol.read_response(timeout=None)
+        resp = await protocol.read_response(timeout=None)
         outcome.code, outcome.reply = resp.code, readable(resp.message)
         verdict = classify("dot", resp.code)
         for r in accepted:
@@ -308,6 +354,34 @@ class ConnectorPool:
             outcome.replies[r] = (resp.code, outcome.reply)
         if resp.code == 421:
             client.close()
+
+    @staticmethod
+    def _mail_reply(sender: str, resp: SMTPResponse) -> None:
+        if resp.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(resp.code, resp.message, sender)
+
+    @staticmethod
+    def _rcpt_reply(outcome: Outcome, recipient: str, resp: SMTPResponse) -> bool:
+        """Record one RCPT reply; True when the recipient was accepted. 421 (the server is
+        closing) raises: the remaining recipients wait for next time."""
+        if resp.code in (250, 251):
+            outcome.verdicts[recipient] = Verdict.ACCEPTED
+            outcome.replies[recipient] = (resp.code, readable(resp.message))
+            return True
+        if resp.code == 421:
+            raise aiosmtplib.SMTPRecipientRefused(resp.code, resp.message, recipient)
+        outcome.verdicts[recipient] = classify("rcpt", resp.code)
+        outcome.replies[recipient] = (resp.code, readable(resp.message))
+        return False
+
+    @staticmethod
+    def _lease_lost(outcome: Outcome, recipients: Sequence[str]) -> None:
+        """Our lease ran out (the process was stopped, or stalled): another worker may own the
+        row now, so this one must not send the content."""
+        outcome.error = "lease lost before DATA: the message is left to its new owner"
+        for r in recipients:
+            outcome.verdicts[r] = Verdict.TRANSIENT
+            outcome.replies[r] = (None, outcome.error)
 
     async def aclose(self) -> None:
         while self._idle:

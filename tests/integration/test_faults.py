@@ -196,12 +196,21 @@ def expected(phase: str, code: int) -> str:
     return "failed"
 
 
-@pytest.mark.parametrize("phase", ["greeting", "ehlo", "mail", "rcpt", "data", "dot"])
+# Before EHLO's reply nothing can be pipelined: those phases only need the lock-step server.
+PHASE_CASES = [
+    *((phase, False) for phase in ("greeting", "ehlo", "mail", "rcpt", "data", "dot")),
+    *((phase, True) for phase in ("mail", "rcpt", "data", "dot")),
+]
+
+
+@pytest.mark.parametrize(
+    "phase, pipelining", PHASE_CASES, ids=[f"{p}-{'pipelined' if x else 'lockstep'}" for p, x in PHASE_CASES]
+)
 @pytest.mark.parametrize("code", [421, 450, 451, 452, 550, 552, 554])
-def test_every_reply_at_every_phase(db, pipeline, phase, code):
+def test_every_reply_at_every_phase(db, pipeline, phase, pipelining, code):
     from tests.faultsmtp import ScriptedServer
 
-    server = ScriptedServer(**{phase: f"{code} refused at {phase}"})
+    server = ScriptedServer(pipelining=pipelining, **{phase: f"{code} refused at {phase}"})
     try:
         gateway(db, server)
         msg_id = enqueue(db)
@@ -210,11 +219,31 @@ def test_every_reply_at_every_phase(db, pipeline, phase, code):
         attempts, smtp_code, last_error = row(db, msg_id, "attempts", "last_smtp_code", "last_error")
         assert smtp_code == code and f"refused at {phase}" in last_error
         assert server.accepted == 0
+        assert server.improper == 0  # never pipelined to a server that did not offer it
         failures = db.execute("SELECT failures FROM outbox.connector").fetchone()[0]
         if phase in ("greeting", "ehlo"):
             assert (attempts, failures) == (0, 1)  # the connector backs off; the message waits
         else:
             assert (attempts, failures) == (1, 0)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("offered", [True, False], ids=["offered", "not-offered"])
+def test_pipelining_only_where_the_server_offers_it(db, pipeline, offered):
+    """Offered: MAIL, RCPT and DATA arrive in one go (the server finds RCPT and DATA already
+    waiting when it reads MAIL). Not offered: one command per reply, which a strict server
+    (Postfix's reject_unauth_pipelining) insists on; either way the mail arrives once."""
+    from tests.faultsmtp import ScriptedServer
+
+    server = ScriptedServer(pipelining=offered)
+    try:
+        gateway(db, server)
+        msg_id = enqueue(db, to=("x@example.org", "y@example.org"))
+        pipeline.until_status(msg_id, "sent")
+        assert server.accepted == 1
+        assert server.improper == 0
+        assert server.pipelined == (3 if offered else 0)  # MAIL, RCPT, RCPT: the next was waiting
     finally:
         server.stop()
 
