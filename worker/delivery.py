@@ -149,6 +149,23 @@ class Delivery:
     async def _claim(self, handed: Sequence[Sequence[Any]]) -> Batch | None:
         ids = [int(i) for i, _ in handed]
         tokens = [str(t) for _, t in handed]
+        # The claim is one statement that commits on its own (see `claim`); the rows are read
+        # after it, with the config version, in one round trip that holds no locks.
+        async for attempt in db_retry(60):
+            with attempt:
+                async with self.pool.connection() as conn:
+                    if self._version is None:  # first batch of this process: its lease setting
+                        async with conn.cursor(row_factory=dict_row) as dcur:
+                            await self._config(dcur)
+                    cur = await conn.execute(
+                        Q["claim"],
+                        {"ids": ids, "tokens": tokens, "lease_seconds": self._settings.lease_seconds},
+                    )
+                    claimed = await cur.fetchall()
+        metrics.STALE_DELIVERIES.inc(len(ids) - len(claimed))
+        if not claimed:
+            return None
+        mine = {"ids": [i for i, _ in claimed], "tokens": [t for _, t in claimed]}
         async for attempt in db_retry(60):
             with attempt:
                 async with (
@@ -156,25 +173,15 @@ class Delivery:
                     conn.cursor(row_factory=dict_row) as cur,
                     conn.cursor(row_factory=dict_row) as vcur,
                 ):
-                    if self._version is None:  # first batch of this process
-                        await self._config(cur)
-                    # config version, then lock (waits for the poller's commit), claim, commit:
-                    # one round trip
                     async with conn.pipeline():
                         await vcur.execute(Q["config_version"])
-                        async with conn.transaction():
-                            await cur.execute(Q["lock_batch"], {"ids": ids})
-                            await cur.execute(
-                                Q["start_sending"],
-                                {"ids": ids, "tokens": tokens, "lease_seconds": self._settings.lease_seconds},
-                            )
+                        await cur.execute(Q["claimed"], mine)
                     version = tuple((await vcur.fetchone() or {}).values())
                     rows = await cur.fetchall()
-                    metrics.STALE_DELIVERIES.inc(len(ids) - len(rows))
-                    if not rows:
-                        return None
                     settings, connectors = await self._config(cur, version)
                     attachments, settled = await self._extras(cur, rows)
+        if not rows:
+            return None
         return Batch(rows, connectors, settings, attachments, settled)
 
     @staticmethod

@@ -73,25 +73,37 @@ UPDATE outbox.message m
 SELECT extract(epoch FROM min(next_attempt_at) - now()) AS seconds
   FROM outbox.message WHERE status IN ('queued', 'retry');
 
--- lock_batch --
--- Wait for the poller's transaction that dispatched these rows, so the claim below sees it.
-SELECT id FROM outbox.message WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
-
--- start_sending --
+-- claim --
 -- A worker claims the rows it was handed, only if they are still dispatched under the token
 -- it received (a duplicate or stale broker delivery claims nothing). The attempt is counted
 -- here, in Postgres, so a message that kills its worker every time still runs out.
+-- One statement that commits on its own: a worker stopped or stalled right after sending it
+-- holds no row locks (a transaction spanning several client messages would keep its locks
+-- until the stalled process sent the rest). `locked` waits for the poller's transaction that
+-- dispatched these rows (the broker may deliver the ids first) and, under READ COMMITTED,
+-- returns each row as that transaction committed it, which the update then re-checks. The
+-- reply is small (ids and new tokens); the rows themselves are read by `claimed`.
+WITH locked AS MATERIALIZED (
+    SELECT id, status, lease_token FROM outbox.message
+     WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE)
 UPDATE outbox.message m
    SET status = 'sending', attempts = m.attempts + 1, lease_token = gen_random_uuid(),
        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
        phase = 'claimed', last_attempt_at = now(), updated_at = now()
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS d(id, token)
- WHERE m.id = d.id AND m.status = 'dispatched' AND m.lease_token = d.token
-RETURNING m.id, m.from_addr, m.from_name, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
-          m.subject, m.text_body, m.html_body, m.headers, m.importance, m.message_id,
-          m.attempts, m.created_at, m.lease_token, m.system_generated, m.content,
-          m.replays, coalesce(m.replayed_at, m.created_at) AS round_started_at,
-          EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments;
+  FROM locked l JOIN unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS d(id, token) ON d.id = l.id
+ WHERE m.id = l.id AND l.status = 'dispatched' AND l.lease_token = d.token
+RETURNING m.id, m.lease_token::text;
+
+-- claimed --
+-- The rows a claim just took, under the tokens it gave them (read after it committed).
+SELECT m.id, m.from_addr, m.from_name, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
+       m.subject, m.text_body, m.html_body, m.headers, m.importance, m.message_id,
+       m.attempts, m.created_at, m.lease_token, m.system_generated, m.content,
+       m.replays, coalesce(m.replayed_at, m.created_at) AS round_started_at,
+       EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
+  JOIN outbox.message m ON m.id = c.id AND m.lease_token = c.token AND m.status = 'sending'
+ ORDER BY m.id;
 
 -- attachments_of --
 -- Attachments of the claimed messages.

@@ -62,9 +62,8 @@ def make_machine(database_url: str) -> type[RuleBasedStateMachine]:
                 return
             token = self.tokens[max(which, -len(self.tokens))]
             before = self.row()
-            self.conn.execute(Q["lock_batch"], {"ids": [self.id]})
             rows = self.conn.execute(
-                Q["start_sending"], {"ids": [self.id], "tokens": [token], "lease_seconds": 300}
+                Q["claim"], {"ids": [self.id], "tokens": [token], "lease_seconds": 300}
             ).fetchall()
             if rows:
                 assert before["status"] == "dispatched" and str(before["lease_token"]) == token
