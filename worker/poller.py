@@ -32,6 +32,8 @@ log = logs.get("outbox.poller")
 CHANNEL = "outbox_message"
 # Lease reaping, held-row release and settings reload happen at most this often.
 MAINTENANCE_SECONDS = 1.0
+# `run --until-idle`: how often to look whether the messages in flight have finished.
+UNTIL_IDLE_CHECK_SECONDS = 0.1
 
 # Postgres down, Redis down: back off and carry on.
 INFRA_ERRORS = (
@@ -194,13 +196,15 @@ class Poller:
         try:
             self._listening()
             cycle = self.run_once()
+            wait = self.config.poll_interval_seconds
             if until_idle and cycle.dispatched == 0:
                 p = self.pending()
                 if p["due"] == 0 and p["in_flight"] == 0:
                     return True
+                if p["in_flight"]:  # finishing: notice the last outcome soon, not a poll later
+                    wait = min(wait, UNTIL_IDLE_CHECK_SECONDS)
             if cycle.dispatched:
                 return False  # more may have arrived meanwhile: look again at once
-            wait = self.config.poll_interval_seconds
             next_due = self.seconds_to_next_due()
             if next_due is not None:
                 wait = min(wait, max(0.0, next_due))
