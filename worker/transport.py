@@ -81,7 +81,7 @@ def _dot_stuff(content: bytes) -> bytes:
 def _command(verb: bytes, prefix: bytes, address: str, options: list[bytes], encoding: str) -> bytes:
     """`MAIL FROM:<a> OPTIONS` or `RCPT TO:<a>`, quoted and checked as aiosmtplib does (an
     address that could inject a command raises ValueError)."""
-    return b" ".join([verb, prefix + quote_address(address).encode(encoding), *options]) + b"\r\n"
+    return b" ".join([verb, prefix + quote_address(address).encode(encoding), *options])
 
 
 # aiosmtplib's protocol parses one reply per chunk received and keeps the rest in its buffer;
@@ -297,7 +297,7 @@ class ConnectorPool:
             if before_data is not None and not await before_data():
                 self._lease_lost(outcome, recipients)
                 return
-            protocol.write(b"".join(commands) + b"DATA\r\n")
+            protocol.write(b"\r\n".join([*commands, b"DATA", b""]))
             timer.arm()
             self._mail_reply(sender, await _next_reply(protocol))
             phase("rcpt")
@@ -321,12 +321,12 @@ class ConnectorPool:
         else:
             phase("mail")
             timer.arm()
-            self._mail_reply(sender, await client.execute_command(commands[0][:-2], timeout=None))
+            self._mail_reply(sender, await client.execute_command(commands[0], timeout=None))
             phase("rcpt")
             accepted = []
             for original, command in zip(recipients, commands[1:], strict=True):
                 timer.arm()
-                resp = await client.execute_command(command[:-2], timeout=None)
+                resp = await client.execute_command(command, timeout=None)
                 if self._rcpt_reply(outcome, original, resp):
                     accepted.append(original)
             timer.disarm()  # RSET and the lease check below have their own timeouts
