@@ -259,6 +259,18 @@ EXCEPTION WHEN duplicate_object THEN NULL;
 END
 $$;
 
+-- The wait for the reply to the final dot, counted once the content has left (RFC 5321
+-- 4.5.3.2.6: 10 minutes); the per-command timeout is smtp_timeout_seconds.
+ALTER TABLE outbox.settings ADD COLUMN IF NOT EXISTS smtp_dot_timeout_seconds double precision
+    NOT NULL DEFAULT 600;
+DO $$
+BEGIN
+    ALTER TABLE outbox.settings ADD CONSTRAINT settings_smtp_dot_timeout_positive
+        CHECK (smtp_dot_timeout_seconds > 0);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$$;
+
 -- The MIME message rendered once at enqueue (NULL for writers that bypass Python, or large
 -- messages): workers send these bytes as they are.
 ALTER TABLE outbox.message ADD COLUMN IF NOT EXISTS content bytea;

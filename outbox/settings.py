@@ -32,6 +32,9 @@ class Settings(BaseModel):
     lease_seconds: float = Field(300, gt=0)
     max_message_bytes: int = Field(26214400, ge=1024, le=104857600)
     smtp_timeout_seconds: float = Field(60, gt=0)
+    # The wait for the reply to the final dot, counted once the content has left (servers scan
+    # large messages before they answer; RFC 5321 4.5.3.2.6 recommends 10 minutes).
+    smtp_dot_timeout_seconds: float = Field(600, gt=0)
     # After a connection lost past the final dot: `retry` (at-least-once, same Message-ID) or
     # `hold` (fail it for an operator to replay).
     ambiguous_policy: Literal["retry", "hold"] = "retry"

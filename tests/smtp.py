@@ -59,6 +59,8 @@ class Recorder:
     # Offer PIPELINING (RFC 2920), as Postfix, Exchange and the big providers do. aiosmtpd
     # reads one command at a time from its stream, so it takes pipelined commands in order.
     pipelining: bool = True
+    # Called (in the server's thread) with the number of messages kept so far, after each.
+    on_keep: Callable[[int], None] | None = None
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -132,6 +134,9 @@ class Recorder:
                 )
             )
             self.arrived.notify_all()
+            count = len(self.received)
+        if self.on_keep is not None:
+            self.on_keep(count)
 
     def wait_for(self, count: int, timeout: float = 30) -> list[Received]:
         with self.arrived:

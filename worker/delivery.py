@@ -1,22 +1,21 @@
-"""The body of the Dramatiq actor: claim the rows of one broker message, resolve each
-message's connector, send it, and write the outcome back under the lease."""
+"""The body of the Dramatiq actor: claim the rows of one broker message, then, for each
+message on its own, resolve its connector, send it and hand its outcome to the completer,
+which writes it under the lease within milliseconds of the SMTP reply. Whatever one
+message raises becomes that message's outcome, never its siblings'."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -32,15 +31,15 @@ from outbox.resolve import Connector, Route, resolve
 from outbox.settings import Settings
 from outbox.sql import queries
 from worker import metrics
-from worker.policy import Decision, Verdict, decide, is_connector_problem
-from worker.transport import Outcome, Transport
+from worker.completer import Completer, finish_params
+from worker.leases import Flight, Leases
+from worker.policy import Decision, Verdict, decide, is_connector_problem, unbuildable
+from worker.transport import ConnectorPool, Outcome, Transport
 
 Q = queries("worker")
 log = logs.get("outbox.worker")
 
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
-# Stop before DATA this long before the lease runs out (clock steps, slow writes).
-LEASE_MARGIN_SECONDS = 5.0
 # Settings and connectors are re-read as soon as an operator changes them (their version is
 # checked with every claim, in the same round trip), and at least this often (backoff state
 # written by other worker processes).
@@ -71,6 +70,11 @@ def envelope(row: Mapping[str, Any], settings: Settings) -> list[str]:
     return list(seen.values())
 
 
+class Unbuildable(Exception):
+    """A message whose row cannot be made into MIME (bad data written by SQL): building it
+    again gives the same error, so it fails at once with the reason."""
+
+
 @dataclass
 class Batch:
     rows: list[dict[str, Any]]
@@ -78,6 +82,7 @@ class Batch:
     settings: Settings
     attachments: dict[int, list[Attachment]]
     settled: dict[int, dict[str, str]]
+    flights: dict[int, Flight]
 
 
 @dataclass
@@ -97,10 +102,13 @@ class Delivery:
         self.config = config
         self.pool = pool
         self.transport = Transport(local_hostname=config.local_hostname)
+        self.completer = Completer(self._write)
+        self.leases = Leases(self._renew)
         self._loaded_at = -CONFIG_TTL_SECONDS
         self._version: tuple[Any, ...] | None = None
         self._settings = Settings()
         self._connectors: list[Connector] = []
+        self._writer_conn: psycopg.AsyncConnection[Any] | None = None
 
     @classmethod
     async def open(cls, config: Config) -> Delivery:
@@ -113,20 +121,44 @@ class Delivery:
             name="outbox-worker",
         )
         await pool.open(wait=False)
-        return cls(config, pool)
+        delivery = cls(config, pool)
+        with contextlib.suppress(psycopg.OperationalError):  # else opened at the first outcome
+            await delivery._writer()
+        return delivery
 
     async def aclose(self) -> None:
+        await self.completer.aclose()
+        if self._writer_conn is not None:
+            await self._writer_conn.close()
+        await self.leases.aclose()
         await self.transport.aclose()
         await self.pool.close()
 
     async def run(self, handed: Sequence[Sequence[Any]]) -> None:
-        """Deliver the rows of one broker message: [[id, dispatch_token], ...]. The outcomes
-        are written together, in one round trip."""
+        """Deliver the rows of one broker message: [[id, dispatch_token], ...]. Each outcome
+        is written as its message finishes; this returns (and the broker message is acked)
+        once all are written."""
         batch = await self._claim(handed)
         if batch is None:
             return
-        results = await asyncio.gather(*(self._deliver(row, batch) for row in batch.rows))
-        await self._write(results, batch.settings)
+        await asyncio.gather(*(self._one(row, batch) for row in batch.rows))
+
+    async def _one(self, row: dict[str, Any], batch: Batch) -> None:
+        """One message, isolated: whatever it raises becomes its own outcome."""
+        flight = batch.flights[row["id"]]
+        started = datetime.now(UTC)
+        try:
+            try:
+                result = await self._deliver(row, batch, flight, started)
+            except Unbuildable as exc:
+                result = self._unbuildable(row, batch.settings, str(exc), started)
+            except Exception as exc:
+                log.exception("delivery failed unexpectedly; the message will be retried", message=row["id"])
+                result = self._crashed(row, batch, exc, started)
+            written = await self.completer.submit(result.params)
+        finally:
+            self.leases.release(flight)
+        self._report(result, written)
 
     async def _config(
         self, cur: psycopg.AsyncCursor[Any], version: tuple[Any, ...] | None = None
@@ -157,32 +189,41 @@ class Delivery:
                     if self._version is None:  # first batch of this process: its lease setting
                         async with conn.cursor(row_factory=dict_row) as dcur:
                             await self._config(dcur)
+                    lease_seconds = self._settings.lease_seconds
+                    sent_at = time.monotonic()  # the leases start after this, not before
                     cur = await conn.execute(
-                        Q["claim"],
-                        {"ids": ids, "tokens": tokens, "lease_seconds": self._settings.lease_seconds},
+                        Q["claim"], {"ids": ids, "tokens": tokens, "lease_seconds": lease_seconds}
                     )
                     claimed = await cur.fetchall()
         metrics.STALE_DELIVERIES.inc(len(ids) - len(claimed))
         if not claimed:
             return None
+        flights = self.leases.track([(i, t) for i, t in claimed], sent_at, lease_seconds)
         mine = {"ids": [i for i, _ in claimed], "tokens": [t for _, t in claimed]}
-        async for attempt in db_retry(60):
-            with attempt:
-                async with (
-                    self.pool.connection() as conn,
-                    conn.cursor(row_factory=dict_row) as cur,
-                    conn.cursor(row_factory=dict_row) as vcur,
-                ):
-                    async with conn.pipeline():
-                        await vcur.execute(Q["config_version"])
-                        await cur.execute(Q["claimed"], mine)
-                    version = tuple((await vcur.fetchone() or {}).values())
-                    rows = await cur.fetchall()
-                    settings, connectors = await self._config(cur, version)
-                    attachments, settled = await self._extras(cur, rows)
+        try:
+            async for attempt in db_retry(60):
+                with attempt:
+                    async with (
+                        self.pool.connection() as conn,
+                        conn.cursor(row_factory=dict_row) as cur,
+                        conn.cursor(row_factory=dict_row) as vcur,
+                    ):
+                        async with conn.pipeline():
+                            await vcur.execute(Q["config_version"])
+                            await cur.execute(Q["claimed"], mine)
+                        version = tuple((await vcur.fetchone() or {}).values())
+                        rows = await cur.fetchall()
+                        settings, connectors = await self._config(cur, version)
+                        attachments, settled = await self._extras(cur, rows)
+        except BaseException:
+            for f in flights.values():
+                self.leases.release(f)
+            raise
+        for i in set(flights) - {r["id"] for r in rows}:
+            self.leases.release(flights[i])
         if not rows:
             return None
-        return Batch(rows, connectors, settings, attachments, settled)
+        return Batch(rows, connectors, settings, attachments, settled, flights)
 
     @staticmethod
     async def _extras(
@@ -207,11 +248,7 @@ class Delivery:
                 settled.setdefault(s["message_id"], {})[s["addr"].lower()] = s["status"]
         return attachments, settled
 
-    async def _deliver(self, row: dict[str, Any], batch: Batch) -> Result:
-        started = datetime.now(UTC)
-        # The lease as this process sees it: past it, another worker may own the row.
-        lease = batch.settings.lease_seconds
-        deadline = time.monotonic() + lease - min(LEASE_MARGIN_SECONDS, lease * 0.2)
+    async def _deliver(self, row: dict[str, Any], batch: Batch, flight: Flight, started: datetime) -> Result:
         settings = batch.settings
         route = resolve(row["from_addr"], batch.connectors)
         if route.action != "send":
@@ -220,6 +257,7 @@ class Delivery:
         assert connector is not None
         settled = batch.settled.get(row["id"], {})
         recipients = [a for a in envelope(row, settings) if a.lower() not in settled]
+        pool: ConnectorPool | None = None
         if connector.backoff_until is not None and connector.backoff_until > started:
             # The connector is resting after failures to reach or log in to it.
             outcome = Outcome(
@@ -230,20 +268,32 @@ class Delivery:
         elif recipients:
             content = row["content"]
             if content is None:  # inserted by SQL, or too large to keep: build it now
-                content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
-            pool = self.transport.pool(connector, timeout=settings.smtp_timeout_seconds)
+                try:
+                    content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
+                except Exception as exc:
+                    raise Unbuildable(f"{type(exc).__name__}: {exc}") from exc
+            pool = self.transport.pool(
+                connector,
+                timeout=settings.smtp_timeout_seconds,
+                dot_timeout=settings.smtp_dot_timeout_seconds,
+            )
             outcome = await pool.send(
                 row["from_addr"],
                 recipients,
                 bytes(content),
-                before_data=lambda: self._before_data(row, deadline, settings),
+                before_data=lambda: self._before_data(row, flight, settings),
+                on_phase=flight.set_phase,
             )
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
         connector_problem = is_connector_problem(outcome.phase, outcome.verdicts, False)
         retry_at = connector.backoff_until if connector_problem else None
         if connector_problem and not (connector.backoff_until and connector.backoff_until > started):
-            retry_at = await self._connector_failed(connector, outcome.summary, settings)
+            if outcome.rested_after is not None and pool is not None and pool.rest_until is not None:
+                retry_at = pool.rest_until
+            else:
+                cause = outcome.rested_after or outcome.summary
+                retry_at = await self._connector_failed(connector, cause, settings, pool)
         elif not connector_problem and (connector.failures or connector.backoff_until):
             await self._connector_recovered(connector)
         decision = decide(
@@ -260,10 +310,11 @@ class Delivery:
         )
         return self._sent(row, connector, outcome, decision, started)
 
-    async def _before_data(self, row: dict[str, Any], deadline: float, settings: Settings) -> bool:
-        """Still ours? Checked before any content goes out. With ambiguous-policy `hold` the
-        phase is recorded first, so a worker lost after this point is known to be ambiguous."""
-        if time.monotonic() > deadline:
+    async def _before_data(self, row: dict[str, Any], flight: Flight, settings: Settings) -> bool:
+        """Still ours, with lease enough for the content and the final dot? Checked before any
+        content goes out. With ambiguous-policy `hold` the phase is recorded first, so a worker
+        lost after this point is known to be ambiguous."""
+        if not flight.may_send_data():
             return False
         if settings.ambiguous_policy != "hold":
             return True
@@ -273,7 +324,11 @@ class Delivery:
             )
             return cur.rowcount == 1
 
-    async def _connector_failed(self, connector: Connector, error: str, settings: Settings) -> datetime:
+    async def _connector_failed(
+        self, connector: Connector, error: str, settings: Settings, pool: ConnectorPool | None
+    ) -> datetime:
+        """Back the connector off in Postgres (once per window, however many messages report
+        it) and rest its pool in this process until then."""
         async for attempt in db_retry(30):
             with attempt:
                 async with self.pool.connection() as conn:
@@ -287,14 +342,13 @@ class Delivery:
                         },
                     )
                     row = await cur.fetchone()
+        until = row[0] if row and row[0] else datetime.now(UTC)
+        if pool is not None:
+            pool.rest(until, error)
         self._loaded_at = -CONFIG_TTL_SECONDS  # other batches see the backoff at once
-        log.warning(
-            "connector failing; backing off",
-            connector=connector.name,
-            error=error,
-            until=row[0] if row else None,
-        )
-        return row[0] if row and row[0] else datetime.now(UTC)
+        if row and row[1]:
+            log.warning("connector failing; backing off", connector=connector.name, error=error, until=until)
+        return until
 
     async def _connector_recovered(self, connector: Connector) -> None:
         async with self.pool.connection() as conn:
@@ -325,88 +379,129 @@ class Delivery:
         )
 
     @staticmethod
+    def _unbuildable(row: dict[str, Any], settings: Settings, error: str, started: datetime) -> Result:
+        decision = unbuildable(envelope(row, settings), f"cannot build the message: {error}")
+        return _decided(row, None, "build", decision, started, {})
+
+    def _crashed(self, row: dict[str, Any], batch: Batch, exc: Exception, started: datetime) -> Result:
+        """A bug or a library error while handling this message: retried like a transient
+        failure (so it runs out after max-attempts), with the error on the row."""
+        settled = batch.settled.get(row["id"], {})
+        recipients = [a for a in envelope(row, batch.settings) if a.lower() not in settled]
+        decision = decide(
+            verdicts=dict.fromkeys(recipients, Verdict.TRANSIENT),
+            settled=settled,
+            attempts=row["attempts"],
+            created_at=row["round_started_at"],
+            now=datetime.now(UTC),
+            settings=batch.settings,
+            summary=f"internal error: {type(exc).__name__}: {exc}"[:1000],
+        )
+        route = resolve(row["from_addr"], batch.connectors)
+        return _decided(row, route.connector, None, decision, started, {})
+
+    @staticmethod
     def _sent(
         row: dict[str, Any], connector: Connector, outcome: Outcome, decision: Decision, started: datetime
     ) -> Result:
-        result = _result(
-            row,
-            {
-                "status": decision.status,
-                "refund": 1 if decision.refund else 0,
-                "next_attempt_at": decision.next_attempt_at,
-                "connector_id": connector.id,
-                "connector_name": connector.name,
-                "phase": outcome.phase,
-                "outcome": decision.outcome,
-                "last_error": decision.last_error,
-                "smtp_code": outcome.code,
-                "smtp_reply": outcome.reply,
-                "failure": decision.failure,
-                "started_at": started,
-            },
-            {a: (s, *outcome.replies.get(a, (None, None))) for a, s in decision.recipients.items()},
-        )
+        result = _decided(row, connector, outcome.phase, decision, started, outcome.replies, outcome)
         result.seconds, result.smtp_code = outcome.seconds, outcome.code
         return result
 
-    async def _write(self, results: Sequence[Result], settings: Settings) -> None:
-        """Write every outcome of the batch in one round trip, each only while this worker
-        still holds that row's lease. A result that cannot be written is retried, never
-        forgotten; past the lease the row is re-dispatched by the poller anyway."""
-        params = finish_params([r.params for r in results])
-        async for attempt in db_retry(settings.lease_seconds):
+    async def _write(self, outcomes: Sequence[Mapping[str, Any]]) -> set[int]:
+        """The completer's writer: outcomes in one round trip, each only while this worker
+        still holds that row's lease. Retried for as long as a lease lasts; past it the row is
+        re-dispatched by the poller anyway."""
+        params = finish_params(outcomes)
+        async for attempt in db_retry(self._settings.lease_seconds):
             with attempt:
-                async with self.pool.connection() as conn:
+                conn = await self._writer()
+                try:
                     cur = await conn.execute(Q["finish_attempts"], params)
-                    written = {row[0] for row in await cur.fetchall()}
-        for r in results:
-            p = r.params
-            ok = p["id"] in written
-            if p["connector_name"] is not None and p["outcome"] != "held":
-                metrics.observe_send(p["connector_name"], p["status"], r.smtp_code, r.seconds)
-            if not ok:
-                metrics.STALE_DELIVERIES.inc()
-                log.warning(
-                    "lease lost before the outcome was written; row left to its new owner",
-                    message=p["id"],
-                    status=p["status"],
-                )
-            else:
-                # successes are the hot path: debug; anything else is worth a line at info
-                (log.debug if p["status"] == "sent" else log.info)(
-                    "attempt finished",
-                    message=p["id"],
-                    attempt=r.row["attempts"],
-                    connector=p["connector_name"],
-                    status=p["status"],
-                    phase=p["phase"],
-                    smtp_code=p["smtp_code"],
-                    error=p["last_error"],
-                )
+                    return {row[0] for row in await cur.fetchall()}
+                except psycopg.OperationalError:
+                    await conn.close()
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _writer(self) -> psycopg.AsyncConnection[Any]:
+        """The completer's own connection, opened with the process: outcomes never wait for a
+        pooled connection behind claims, nor for a connection to be made."""
+        if self._writer_conn is None or self._writer_conn.closed:
+            self._writer_conn = await psycopg.AsyncConnection.connect(
+                self.config.database_url, autocommit=True
+            )
+        return self._writer_conn
 
-def _json_value(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    async def _renew(self, flights: list[Flight], lease_seconds: float) -> set[int]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                Q["renew_leases"],
+                {
+                    "ids": [f.id for f in flights],
+                    "tokens": [f.token for f in flights],
+                    "phases": [f.phase for f in flights],
+                    "lease_seconds": lease_seconds,
+                },
+            )
+            return {row[0] for row in await cur.fetchall()}
 
-
-_dumps = functools.partial(json.dumps, default=_json_value)
-
-
-def finish_params(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Jsonb]:
-    """The outcomes of a batch (one Result.params each) as the two JSON arrays of
-    `finish_attempts`: one statement for the whole batch instead of one per message."""
-    recipients = [
-        {"message_id": o["id"], "addr": addr, "status": status, "code": code, "reply": reply}
-        for o in outcomes
-        for addr, status, code, reply in zip(
-            o["r_addrs"], o["r_status"], o["r_codes"], o["r_replies"], strict=True
+    @staticmethod
+    def _report(result: Result, written: bool) -> None:
+        p = result.params
+        if p["connector_name"] is not None and p["outcome"] != "held":
+            metrics.observe_send(p["connector_name"], p["status"], result.smtp_code, result.seconds)
+        if not written:
+            metrics.STALE_DELIVERIES.inc()
+            log.warning(
+                "lease lost before the outcome was written; row left to its new owner",
+                message=p["id"],
+                status=p["status"],
+            )
+            return
+        # successes are the hot path: debug; anything else is worth a line at info
+        (log.debug if p["status"] == "sent" else log.info)(
+            "attempt finished",
+            message=p["id"],
+            attempt=result.row["attempts"],
+            connector=p["connector_name"],
+            status=p["status"],
+            phase=p["phase"],
+            smtp_code=p["smtp_code"],
+            error=p["last_error"],
         )
-    ]
-    return {"outcomes": Jsonb(list(outcomes), dumps=_dumps), "recipients": Jsonb(recipients, dumps=_dumps)}
+
+
+def _decided(
+    row: dict[str, Any],
+    connector: Connector | None,
+    phase: str | None,
+    decision: Decision,
+    started: datetime,
+    replies: Mapping[str, tuple[int | None, str | None]],
+    outcome: Outcome | None = None,
+) -> Result:
+    return _result(
+        row,
+        {
+            "status": decision.status,
+            "refund": 1 if decision.refund else 0,
+            "next_attempt_at": decision.next_attempt_at,
+            "connector_id": connector.id if connector else None,
+            "connector_name": connector.name if connector else None,
+            "phase": phase,
+            "outcome": decision.outcome,
+            "last_error": decision.last_error,
+            "smtp_code": outcome.code if outcome else None,
+            "smtp_reply": outcome.reply if outcome else None,
+            "failure": decision.failure,
+            "started_at": started,
+        },
+        {
+            a: (s, *replies.get(a, (None, None if outcome else decision.last_error)))
+            for a, s in decision.recipients.items()
+        },
+    )
 
 
 def _result(

@@ -138,3 +138,9 @@ def decide(
         return Decision("sent", None, recipients, False, None, label or "sent")
     status = "partial" if sent else "failed"
     return Decision(status, None, recipients, True, reason[:2000], label or status)
+
+
+def unbuildable(recipients: list[str], reason: str) -> Decision:
+    """A message whose row cannot be built into MIME fails at once: building it again would
+    give the same error, and trying would spend attempts and time for nothing."""
+    return Decision("failed", None, dict.fromkeys(recipients, "failed"), True, reason[:2000], "failed")

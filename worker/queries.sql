@@ -16,11 +16,17 @@ RETURNING m.id, m.lease_token::text;
 
 -- reap_expired --
 -- Rows whose lease expired (worker died, Redis lost its keys) go back to the queue. A row lost
--- while `sending` counts its attempt; lost after DATA began it is ambiguous (the server may
--- have it): retried, or failed for an operator when ambiguous_policy is 'hold'.
+-- while `sending` counts its attempt, unless its worker had recorded that it was only waiting
+-- for its connector (phase 'waiting', written by lease renewals); lost after DATA began it is
+-- ambiguous (the server may have it): retried, or failed for an operator when
+-- ambiguous_policy is 'hold'.
 WITH expired AS MATERIALIZED (
-    SELECT id, status AS was, phase AS was_phase, attempts, connector_id,
-           status = 'sending' AND phase IN ('data', 'dot') AS ambiguous
+    SELECT id, status AS was, phase AS was_phase,
+           CASE WHEN status = 'sending' AND phase = 'waiting' THEN greatest(attempts - 1, 0)
+                ELSE attempts END AS attempts,
+           connector_id,
+           status = 'sending' AND phase IN ('data', 'dot') AS ambiguous,
+           status = 'sending' AND phase IS NOT DISTINCT FROM 'waiting' AS waited
       FROM outbox.message
      WHERE status IN ('dispatched', 'sending') AND lease_expires_at < now()
      ORDER BY lease_expires_at
@@ -30,10 +36,13 @@ moved AS (
     UPDATE outbox.message m
        SET status = CASE
                 WHEN e.ambiguous AND %(ambiguous_policy)s = 'hold' THEN 'failed'
-                WHEN e.was = 'sending' AND e.attempts >= %(max_attempts)s THEN 'failed'
+                WHEN e.was = 'sending' AND NOT e.waited AND e.attempts >= %(max_attempts)s THEN 'failed'
                 WHEN e.attempts = 0 THEN 'queued'
                 ELSE 'retry' END,
-           last_error = CASE WHEN e.was = 'sending'
+           attempts = e.attempts,
+           last_error = CASE WHEN e.waited
+                THEN 'worker lost while waiting for its connector (lease expired); no attempt spent'
+                WHEN e.was = 'sending'
                 THEN 'worker lost during ' || coalesce(e.was_phase, 'sending') || ' (lease expired)'
                      || CASE
                         WHEN e.ambiguous AND %(ambiguous_policy)s = 'hold'
@@ -41,7 +50,8 @@ moved AS (
                         WHEN e.attempts >= %(max_attempts)s THEN '; attempts exhausted'
                         ELSE '' END
                 ELSE m.last_error END,
-           first_failed_at = CASE WHEN e.was = 'sending' THEN coalesce(m.first_failed_at, now())
+           first_failed_at = CASE WHEN e.was = 'sending' AND NOT e.waited
+                THEN coalesce(m.first_failed_at, now())
                 ELSE m.first_failed_at END,
            next_attempt_at = now(), lease_token = NULL, lease_expires_at = NULL,
            updated_at = now()
@@ -50,7 +60,7 @@ moved AS (
     RETURNING m.id, m.status),
 history AS (
     INSERT INTO outbox.attempt (message_id, attempt, connector_id, started_at, phase, outcome, error)
-    SELECT e.id, e.attempts, e.connector_id, now(), e.was_phase,
+    SELECT e.id, e.attempts + e.waited::int, e.connector_id, now(), e.was_phase,
            CASE WHEN e.ambiguous THEN 'ambiguous' ELSE 'lease-expired' END,
            'lease expired while sending (phase ' || coalesce(e.was_phase, 'unknown') || ')'
       FROM expired e WHERE e.was = 'sending')
@@ -137,6 +147,17 @@ UPDATE outbox.message SET phase = %(phase)s
  WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'sending'
    AND lease_expires_at > now();
 
+-- renew_leases --
+-- Extend the leases of rows still in flight (only while this worker holds them) and record how
+-- far each got; a phase past DATA is never taken back (it makes a lost row ambiguous).
+-- Returns the ids renewed.
+UPDATE outbox.message m
+   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       phase = CASE WHEN m.phase IN ('data', 'dot') THEN m.phase ELSE r.phase END
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(phases)s::text[]) AS r(id, token, phase)
+ WHERE m.id = r.id AND m.lease_token = r.token AND m.status = 'sending'
+RETURNING m.id;
+
 -- finish_attempts --
 -- Write the outcomes of a batch of attempts in one statement, each only while this worker
 -- still holds that row's lease (fencing): the rows, their attempt history and their
@@ -198,7 +219,8 @@ WITH bumped AS (
      WHERE id = %(id)s AND (backoff_until IS NULL OR backoff_until <= now())
     RETURNING backoff_until)
 SELECT coalesce((SELECT backoff_until FROM bumped),
-                (SELECT backoff_until FROM outbox.connector WHERE id = %(id)s)) AS backoff_until;
+                (SELECT backoff_until FROM outbox.connector WHERE id = %(id)s)) AS backoff_until,
+       EXISTS (SELECT 1 FROM bumped) AS bumped;
 
 -- connector_recovered --
 -- A message went through: the connector is healthy again.

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiosmtplib
@@ -27,7 +28,10 @@ from outbox.connectors import effective_security
 from outbox.errors import ConfigurationError
 from outbox.resolve import Connector
 from outbox.secrets import password_for
-from worker.policy import Verdict, classify
+from worker.policy import Verdict, classify, is_connector_problem
+
+# While a large message's upload drains, how often to look at its progress.
+UPLOAD_POLL_SECONDS = 0.05
 
 
 class TLSRequiredError(aiosmtplib.SMTPException):
@@ -45,6 +49,8 @@ class Outcome:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     replies: dict[str, tuple[int | None, str | None]] = field(default_factory=dict)
     seconds: float = 0.0
+    # Not tried: the connector was resting after this failure of an earlier message.
+    rested_after: str | None = None
 
     @property
     def summary(self) -> str:
@@ -121,8 +127,8 @@ class ReplyTimer:
         except TimeoutError as exc:  # ours ran out (an aiosmtplib timeout passes through)
             raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
 
-    def arm(self) -> None:
-        self._timer.reschedule(self._loop.time() + self._seconds)
+    def arm(self, seconds: float | None = None) -> None:
+        self._timer.reschedule(self._loop.time() + (self._seconds if seconds is None else seconds))
 
     def disarm(self) -> None:
         self._timer.reschedule(None)
@@ -143,15 +149,43 @@ def _describe(exc: BaseException) -> str:
 
 
 class ConnectorPool:
-    """Up to `max_connections` SMTP sessions to one connector, kept open between messages."""
+    """Up to `max_connections` SMTP sessions to one connector, kept open between messages.
 
-    def __init__(self, connector: Connector, *, local_hostname: str, timeout: float) -> None:
+    The first failure to reach, greet, secure or log in to the connector puts the pool at
+    rest: messages still queued for a session return at once with the same problem instead
+    of each waiting out a connect timeout (`rest_until` then says how long, from the
+    connector's backoff in Postgres). An operator's change to the connector brings a new pool.
+    """
+
+    def __init__(
+        self, connector: Connector, *, local_hostname: str, timeout: float, dot_timeout: float = 600.0
+    ) -> None:
         self.connector = connector
         self.local_hostname = local_hostname
         self.timeout = timeout
+        self.dot_timeout = dot_timeout
         self._slots = asyncio.Semaphore(connector.max_connections)
         self._idle: list[SMTP] = []
         self._ctx: ssl.SSLContext | None = None
+        self._tripped: str | None = None  # the problem, until the backoff's end is known
+        self._rest_until: datetime | None = None
+        self._rest_error = ""
+
+    def rest(self, until: datetime, error: str) -> None:
+        """Send nothing through this connector before `until`."""
+        self._tripped, self._rest_until, self._rest_error = None, until, error
+
+    @property
+    def rest_until(self) -> datetime | None:
+        return self._rest_until
+
+    def resting(self) -> str | None:
+        """The failure that rests this connector now, or None."""
+        if self._tripped is not None:
+            return self._tripped
+        if self._rest_until is not None and datetime.now(UTC) < self._rest_until:
+            return self._rest_error
+        return None
 
     def _tls(self) -> ssl.SSLContext:
         if self._ctx is None:
@@ -212,15 +246,26 @@ class ConnectorPool:
         recipients: Sequence[str],
         content: bytes,
         before_data: Callable[[], Awaitable[bool]] | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> Outcome:
-        """Send one message to `recipients`; never raises for SMTP or network trouble."""
+        """Send one message to `recipients`; never raises for SMTP or network trouble.
+        `on_phase` hears each phase as it starts ("waiting" while queued for a session)."""
         started = time.monotonic()
         outcome = Outcome()
 
         def phase(p: str) -> None:
             outcome.phase = p
+            if on_phase is not None:
+                on_phase(p)
 
+        if on_phase is not None:
+            on_phase("waiting")
         async with self._slots:
+            problem = self.resting()
+            if problem is not None:  # a message before this one found the connector down
+                self._rested(outcome, problem, recipients)
+                outcome.seconds = time.monotonic() - started
+                return outcome
             client = self._idle.pop() if self._idle else None
             for reused in (client is not None, False):
                 try:
@@ -242,8 +287,17 @@ class ConnectorPool:
                 break
             if client is not None and client.is_connected:
                 self._idle.append(client)
+            if is_connector_problem(outcome.phase, outcome.verdicts, False) and self._tripped is None:
+                self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _rested(self, outcome: Outcome, problem: str, recipients: Sequence[str]) -> None:
+        outcome.phase, outcome.rested_after = "connect", problem
+        outcome.error = f"connector {self.connector.name} is backing off after: {problem}"
+        for r in recipients:
+            outcome.verdicts[r] = Verdict.TRANSIENT
+            outcome.replies[r] = (None, outcome.error)
 
     @staticmethod
     def _fail(outcome: Outcome, exc: BaseException, recipients: Sequence[str]) -> None:
@@ -343,10 +397,7 @@ class ConnectorPool:
             resp = await client.execute_command(b"DATA", timeout=None)
         if resp.code != 354:
             raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-        phase("dot")
-        protocol.write(_dot_stuff(content))
-        timer.arm()
-        resp = await protocol.read_response(timeout=None)
+        resp = await self._upload(client, protocol, _dot_stuff(content), phase, timer)
         outcome.code, outcome.reply = resp.code, readable(resp.message)
         verdict = classify("dot", resp.code)
         for r in accepted:
@@ -354,6 +405,43 @@ class ConnectorPool:
             outcome.replies[r] = (resp.code, outcome.reply)
         if resp.code == 421:
             client.close()
+
+    async def _upload(
+        self,
+        client: SMTP,
+        protocol: SMTPProtocol,
+        data: bytes,
+        phase: Callable[[str], None],
+        timer: ReplyTimer,
+    ) -> SMTPResponse:
+        """Write the content and the final dot; return the server's verdict on it. The phase
+        becomes "dot" (the server may have the message) and the final-dot timeout starts only
+        once every byte has left this process: an upload that stalls for a command timeout is
+        a failure in "data", which the server cannot have accepted."""
+        transport = client.transport
+        protocol.write(data)
+        if transport is None or not transport.get_write_buffer_size():  # the usual case
+            phase("dot")
+            timer.arm(self.dot_timeout)
+            return await protocol.read_response(timeout=None)
+        # Await the reply from now on (aiosmtplib drops data that arrives while no reply is
+        # awaited; this task's first step runs before any data can be received).
+        reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+        try:
+            left = transport.get_write_buffer_size()
+            timer.arm()
+            while left and not reply.done():
+                await asyncio.wait([reply], timeout=UPLOAD_POLL_SECONDS)
+                now_left = transport.get_write_buffer_size()
+                if now_left < left:
+                    timer.arm()  # progress: the command timeout counts from here
+                left = now_left
+            phase("dot")
+            timer.arm(self.dot_timeout)
+            return await reply
+        finally:
+            if not reply.done():
+                reply.cancel()
 
     @staticmethod
     def _mail_reply(sender: str, resp: SMTPResponse) -> None:
@@ -400,17 +488,23 @@ class Transport:
         self._pools: dict[int, ConnectorPool] = {}
         self._retired: set[asyncio.Future[None]] = set()
 
-    def pool(self, connector: Connector, *, timeout: float) -> ConnectorPool:
+    def pool(self, connector: Connector, *, timeout: float, dot_timeout: float = 600.0) -> ConnectorPool:
+        """The connector's pool. A connector an operator changed (updated, enabled, reset) gets
+        a fresh one: new sessions, and no rest left from failures before the change."""
         timeout = min(timeout, connector.timeout_seconds)
         current = self._pools.get(connector.id)
         if (
             current is None
             or current.connector.transport_key != connector.transport_key
-            or (current.timeout != timeout)
+            or current.connector.updated_at != connector.updated_at
+            or current.timeout != timeout
+            or current.dot_timeout != dot_timeout
         ):
             if current is not None:
                 self._retired.add(asyncio.ensure_future(current.aclose()))
-            current = ConnectorPool(connector, local_hostname=self.local_hostname, timeout=timeout)
+            current = ConnectorPool(
+                connector, local_hostname=self.local_hostname, timeout=timeout, dot_timeout=dot_timeout
+            )
             self._pools[connector.id] = current
         return current
 

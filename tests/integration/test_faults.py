@@ -119,9 +119,21 @@ def test_ambiguous_outcome_can_be_held_for_an_operator(db, smtp, pipeline):
     assert outcomes(db, msg_id) == ["ambiguous"]
 
 
-def test_reply_slower_than_the_timeout_after_the_dot_is_ambiguous(db, smtp, pipeline, fast_retries):
+def test_reply_slower_than_the_command_timeout_after_the_dot_is_waited_for(db, smtp, pipeline):
+    """The final dot has its own timeout (servers scan large messages before they answer):
+    a reply later than the per-command timeout is still a delivery, sent once."""
     gateway(db, smtp)
-    db.execute("UPDATE outbox.settings SET smtp_timeout_seconds = 0.3")
+    db.execute("UPDATE outbox.settings SET smtp_timeout_seconds = 0.3, smtp_dot_timeout_seconds = 30")
+    smtp.recorder.data_replies.append("slow:1.5")
+    msg_id = enqueue(db)
+    pipeline.until_status(msg_id, "sent")
+    assert len(smtp.recorder.received) == 1
+    assert outcomes(db, msg_id) == ["sent"]
+
+
+def test_reply_slower_than_the_final_dot_timeout_is_ambiguous(db, smtp, pipeline, fast_retries):
+    gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET smtp_timeout_seconds = 5, smtp_dot_timeout_seconds = 0.3")
     smtp.recorder.data_replies.append("slow:1.5")
     msg_id = enqueue(db)
     pipeline.until_status(msg_id, "sent")
