@@ -461,16 +461,36 @@ def describe(c: Connector) -> dict[str, Any]:
         "enabled": c.enabled,
         "default_gateway": c.is_default_gateway,
         "health": health(c),
+        "state": state(c),
+        "error": current_error(c),
         "failures": c.failures,
         "backoff_until": c.backoff_until,
         "last_error": c.last_error,
+        "last_error_at": c.last_error_at,
     }
 
 
 def health(c: Connector) -> str:
-    """`ok`, `disabled`, or `backing off` after failures to reach or log in to the server."""
+    """`ok`, `disabled`, `backing off` after failures to reach or log in to the server, or
+    `failing`: its backoff ran out but nothing got through since (the next message tries)."""
     if not c.enabled:
         return "disabled"
     if c.backoff_until is not None and c.backoff_until > datetime.now(UTC):
         return "backing off"
     return "ok" if not c.failures else "failing"
+
+
+def state(c: Connector) -> str:
+    """`health` for people: with the time a backoff ends."""
+    h = health(c)
+    if h == "backing off":
+        assert c.backoff_until is not None
+        return f"backing off until {c.backoff_until.astimezone(UTC).isoformat(timespec='seconds')}"
+    return h
+
+
+def current_error(c: Connector) -> str | None:
+    """The last error while it still describes the connector: it failed and nothing got through
+    since. A send that went through, or a reset, clears `failures` (`last_error` stays as
+    history), so an old error is never shown as current."""
+    return c.last_error if c.failures else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from typing import Any
 
 import click
@@ -169,7 +170,11 @@ def _read_password() -> str:
 @json_option
 @with_conn
 def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
-    """List connectors (passwords are never shown, only how they are kept)."""
+    """List connectors (passwords are never shown, only how they are kept).
+
+    STATE is ok, disabled, failing, or "backing off until T" after failures to reach or log
+    in to the server; ERROR is the last error while it is current (nothing got through and no
+    reset since). --json also keeps the history: last_error and last_error_at."""
     rows = [connectors.describe(c) for c in connectors.load_all(conn)]
     emit(
         rows,
@@ -188,8 +193,8 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
                     "password",
                     "enabled",
                     "default_gateway",
-                    "health",
-                    "last_error",
+                    "state",
+                    "error",
                 ],
             )
             if rs
@@ -278,7 +283,8 @@ def _render_reset(d: dict[str, Any]) -> str:
     if was["backoff_until"] or was["failures"]:
         why = f"{was['failures']} failure(s), last: {was['last_error']}"
         if was["backoff_until"]:
-            why = f"backing off until {was['backoff_until']} after {why}"
+            until = datetime.fromisoformat(was["backoff_until"]).isoformat(timespec="seconds")
+            why = f"backing off until {until} after {why}"
         head = f"connector {d['connector']}: backoff ended (was {why})"
     else:
         head = f"connector {d['connector']}: mail waiting for an ended backoff is due again"

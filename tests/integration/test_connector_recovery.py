@@ -9,6 +9,7 @@ released by the fix, not by the timer."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -207,3 +208,49 @@ def test_a_passing_connector_test_sends_the_waiting_mail_and_a_failing_one_chang
     again = outbox_cli(cli_env, "connector", "test", "sales")
     assert "backoff" not in again.stdout
     assert [e[0] for e in events(db)] == ["created", "backoff reset"]
+
+
+# -- what `connector list` says ----------------------------------------------------------------
+
+
+def listed(cli_env):
+    [row] = json.loads(outbox_cli(cli_env, "connector", "list", "--json").stdout)
+    return row, outbox_cli(cli_env, "connector", "list").stdout
+
+
+def test_list_shows_backing_off_until_then_no_old_error_once_reset(db, smtp, pipeline, cli_env, slow_backoff):
+    broken_connector(db, free_port())
+    into_backoff(db, pipeline)
+    _, backoff_until, last_error, last_error_at, _ = connector_row(db)
+    until = backoff_until.astimezone(UTC).isoformat(timespec="seconds")
+    row, table = listed(cli_env)
+    assert row["health"] == "backing off" and row["state"] == f"backing off until {until}"
+    assert row["error"] == row["last_error"] == last_error and row["failures"] == 1
+    assert f"backing off until {until}" in table and "Connect call failed" in table
+
+    outbox_cli(cli_env, "connector", "update", "sales", "--port", str(smtp.port))
+    row, table = listed(cli_env)
+    assert (row["health"], row["state"], row["error"], row["failures"]) == ("ok", "ok", None, 0)
+    assert (
+        row["last_error"] == last_error and datetime.fromisoformat(row["last_error_at"]) == last_error_at
+    )  # history
+    assert "Connect call failed" not in table and "backing off" not in table
+
+
+def test_list_shows_failing_after_the_timer_and_no_old_error_once_mail_got_through(
+    db, smtp_factory, pipeline, cli_env, slow_backoff
+):
+    port = free_port()
+    broken_connector(db, port)
+    msg_id = into_backoff(db, pipeline)
+    last_error = connector_row(db)[2]
+    db.execute("UPDATE outbox.connector SET backoff_until = now() - interval '1 second'")  # the timer ran out
+    row, table = listed(cli_env)
+    assert (row["health"], row["state"], row["error"]) == ("failing", "failing", last_error)
+    assert "Connect call failed" in table
+    server = smtp_factory(port=port)
+    db.execute("UPDATE outbox.message SET next_attempt_at = now() WHERE id = %s", [msg_id])
+    delivered(pipeline, server, msg_id)  # the worker saw it through: the connector recovered
+    row, table = listed(cli_env)
+    assert (row["health"], row["state"], row["error"], row["last_error"]) == ("ok", "ok", None, last_error)
+    assert "Connect call failed" not in table
