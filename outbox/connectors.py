@@ -1,4 +1,4 @@
-"""The connector registry: add, list, enable and disable SMTP connectors (with history)."""
+"""The connector registry: add, list, update, enable, disable and reset SMTP connectors (with history)."""
 
 from __future__ import annotations
 
