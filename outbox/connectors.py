@@ -1,4 +1,4 @@
-"""The connector registry: add, list, enable and disable SMTP connectors (with history)."""
+"""The connector registry: add, list, update, enable, disable and reset SMTP connectors (with history)."""
 
 from __future__ import annotations
 
@@ -190,6 +190,18 @@ def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None =
     return int(row[0])
 
 
+@dataclass(frozen=True)
+class Updated:
+    changed: list[str]  # the fields that changed
+    backoff: BackoffReset
+
+
+@dataclass(frozen=True)
+class Enabled:
+    released_held: int  # held messages back in the queue (enable)
+    backoff: BackoffReset | None  # enable ends a backoff; disable leaves it
+
+
 # What `update` may change, and how a change shows in the activity history.
 UPDATABLE = (
     "address",
@@ -206,6 +218,19 @@ UPDATABLE = (
 )
 
 
+# What `describe` shows that is derived or the workers' (not a setting `update` changes).
+_DERIVED = (
+    "health",
+    "state",
+    "error",
+    "effective_security",
+    "failures",
+    "backoff_until",
+    "last_error",
+    "last_error_at",
+)
+
+
 def update(
     conn: psycopg.Connection[Any],
     name: str,
@@ -213,10 +238,11 @@ def update(
     *,
     password: str | None = None,
     actor: str | None = None,
-) -> list[str]:
+) -> Updated:
     """Change a connector's settings (validated like `add`); returns the fields changed.
     A new password (`password`, or `password_env`) replaces the stored one; otherwise the
-    stored one is kept. Workers open new SMTP sessions for it at once."""
+    stored one is kept. Workers open new SMTP sessions for it at once. Any update ends the
+    connector's backoff (the operator fixed something): mail waiting for it is due now."""
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
         raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
@@ -242,7 +268,7 @@ def update(
         before = describe(current)
         conn.execute(Q["update_connector"], values | {"id": current.id})
         after = describe(get(conn, name))
-        changed = [k for k in before if before[k] != after[k] and k not in ("health", "effective_security")]
+        changed = [k for k in before if before[k] != after[k] and k not in _DERIVED]
         if password is not None and "password" not in changed:
             changed.append("password")
         _event(
@@ -256,11 +282,15 @@ def update(
                 for k in changed
             },
         )
-    return changed
+        backoff = _reset_backoff(conn, current, by="update", actor=actor)
+    return Updated(changed, backoff)
 
 
-def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *, actor: str | None = None) -> int:
-    """Enable (releasing held messages; returns how many) or disable a connector."""
+def set_enabled(
+    conn: psycopg.Connection[Any], name: str, enabled: bool, *, actor: str | None = None
+) -> Enabled:
+    """Enable (releasing held messages and ending any backoff: mail waiting for it is due
+    now) or disable a connector."""
     with conn.transaction():
         conn.execute(Q["lock_connectors"])
         connector = get(conn, name)
@@ -279,7 +309,89 @@ def set_enabled(conn: psycopg.Connection[Any], name: str, enabled: bool, *, acto
             actor,
             {"released_held": released} if enabled else {},
         )
-    return released
+        backoff = _reset_backoff(conn, connector, by="enable", actor=actor) if enabled else None
+    return Enabled(released, backoff)
+
+
+@dataclass(frozen=True)
+class BackoffReset:
+    """What ending a connector's backoff changed. `reset` False: it was healthy and nothing
+    waited for it, so nothing changed. `was_*` is the connector's state before."""
+
+    connector: str
+    by: str
+    reset: bool
+    released: tuple[int, ...] = ()
+    was_failures: int = 0
+    was_backoff_until: datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector,
+            "by": self.by,
+            "reset": self.reset,
+            "count": len(self.released),
+            "ids": list(self.released),
+            "was": {
+                "failures": self.was_failures,
+                "backoff_until": self.was_backoff_until.isoformat() if self.was_backoff_until else None,
+                "last_error": self.last_error,
+                "last_error_at": self.last_error_at.isoformat() if self.last_error_at else None,
+            },
+        }
+
+    def summary(self) -> str:
+        """One clause for the command that caused it ("" when nothing changed)."""
+        if not self.reset:
+            return ""
+        return f"backoff ended; {len(self.released)} waiting message(s) due now"
+
+
+def _reset_backoff(
+    conn: psycopg.Connection[Any], connector: Connector, *, by: str, actor: str | None
+) -> BackoffReset:
+    """End `connector`'s backoff now (see `reset_connector_backoff`), recorded in its activity
+    history and waking the pollers. The caller holds `lock_connectors` in its transaction and
+    read `connector` under it. The one place every fix (`update`, `enable`, a passing `test`,
+    `reset`) ends a backoff."""
+    row = conn.execute(Q["reset_connector_backoff"], {"id": connector.id}).fetchone()
+    assert row is not None
+    if row[0] is None:
+        return BackoffReset(connector.name, by, reset=False)
+    done = BackoffReset(
+        connector.name,
+        by,
+        reset=True,
+        released=tuple(row[1]),
+        was_failures=connector.failures,
+        was_backoff_until=connector.backoff_until,
+        last_error=connector.last_error,
+        last_error_at=connector.last_error_at,
+    )
+    if done.released:
+        conn.execute(Q["wake_pollers"])
+    detail = done.as_dict()
+    _event(
+        conn,
+        connector.id,
+        connector.name,
+        "backoff reset",
+        actor,
+        {"by": by, "messages_due_now": detail["count"], **detail["was"]},
+    )
+    return done
+
+
+def reset_backoff(
+    conn: psycopg.Connection[Any], name: str, *, by: str = "reset", actor: str | None = None
+) -> BackoffReset:
+    """End a connector's backoff at once (one transaction): failures cleared, workers reload
+    it, the messages waiting for it are due now. A healthy connector is left as it is."""
+    with conn.transaction():
+        conn.execute(Q["lock_connectors"])
+        return _reset_backoff(conn, get(conn, name), by=by, actor=actor)
 
 
 def rotate_passwords(conn: psycopg.Connection[Any], *, actor: str | None = None) -> int:
@@ -349,16 +461,36 @@ def describe(c: Connector) -> dict[str, Any]:
         "enabled": c.enabled,
         "default_gateway": c.is_default_gateway,
         "health": health(c),
+        "state": state(c),
+        "error": current_error(c),
         "failures": c.failures,
         "backoff_until": c.backoff_until,
         "last_error": c.last_error,
+        "last_error_at": c.last_error_at,
     }
 
 
 def health(c: Connector) -> str:
-    """`ok`, `disabled`, or `backing off` after failures to reach or log in to the server."""
+    """`ok`, `disabled`, `backing off` after failures to reach or log in to the server, or
+    `failing`: its backoff ran out but nothing got through since (the next message tries)."""
     if not c.enabled:
         return "disabled"
     if c.backoff_until is not None and c.backoff_until > datetime.now(UTC):
         return "backing off"
     return "ok" if not c.failures else "failing"
+
+
+def state(c: Connector) -> str:
+    """`health` for people: with the time a backoff ends."""
+    h = health(c)
+    if h == "backing off":
+        assert c.backoff_until is not None
+        return f"backing off until {c.backoff_until.astimezone(UTC).isoformat(timespec='seconds')}"
+    return h
+
+
+def current_error(c: Connector) -> str | None:
+    """The last error while it still describes the connector: it failed and nothing got through
+    since. A send that went through, or a reset, clears `failures` (`last_error` stays as
+    history), so an old error is never shown as current."""
+    return c.last_error if c.failures else None

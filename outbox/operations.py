@@ -1,4 +1,5 @@
-"""Operator actions: replay, cancel, send-now and prune (audited in `outbox.operator_audit`).
+"""Operator actions: replay, cancel, send-now, prune and connector reset (audited in
+`outbox.operator_audit`).
 
 Each selective action runs in two steps so a human can look before anything changes:
 `plan_*` reads what the selection matches (nothing is locked or written), then `apply`
@@ -376,6 +377,25 @@ def send_now(
 ) -> Result:
     """Make scheduled messages due at once and wake the poller (audited)."""
     return apply(conn, plan_send_now(conn, ids), actor=actor, dry_run=dry_run)
+
+
+def reset_connector(conn: psycopg.Connection[Any], name: str, *, actor: str | None = None) -> dict[str, Any]:
+    """`outbox connector reset NAME`: end the connector's backoff now (see
+    `connectors.reset_backoff`) and audit it with the messages it made due, in one
+    transaction. A healthy connector with nothing waiting changes nothing and is not audited."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        done = connectors.reset_backoff(conn, name, by="reset", actor=actor)
+        out = {"action": "connector-reset", **done.as_dict(), "audit_id": None}
+        if done.reset:
+            out["audit_id"] = _audit(
+                cur,
+                "connector-reset",
+                actor,
+                {"connector": name},
+                list(done.released),
+                {"connector": name, "was": out["was"]},
+            )
+    return out
 
 
 @dataclass

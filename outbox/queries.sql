@@ -96,6 +96,34 @@ WITH released AS (
     RETURNING id)
 SELECT count(*) AS released, pg_notify('outbox_message', '') FROM released;
 
+-- reset_connector_backoff --
+-- End a connector's backoff now (an operator fixed it, or said so): failures and
+-- backoff_until cleared (last_error and last_error_at stay, as history), updated_at bumped so
+-- every worker reloads the connector at once, and the messages waiting for it made due now.
+-- Waiting for it: `retry` rows routed through it, due later, whose last attempt stopped before
+-- MAIL (connect, greeting, STARTTLS, AUTH): the worker gives exactly those the connector's
+-- backoff as their next attempt (a retry after MAIL, RCPT or DATA keeps its own schedule).
+-- Changes nothing on a healthy connector with nothing waiting (reset is then NULL).
+WITH waiting AS MATERIALIZED (
+    SELECT id FROM outbox.message
+     WHERE connector_id = %(id)s AND status = 'retry' AND next_attempt_at > now()
+       AND phase IN ('connect', 'ehlo', 'starttls', 'auth')
+     ORDER BY id
+       FOR UPDATE),
+released AS (
+    UPDATE outbox.message m
+       SET next_attempt_at = now(), updated_at = now()
+      FROM waiting w
+     WHERE m.id = w.id
+    RETURNING m.id),
+reset AS (
+    UPDATE outbox.connector
+       SET failures = 0, backoff_until = NULL, updated_at = now()
+     WHERE id = %(id)s
+       AND (failures > 0 OR backoff_until IS NOT NULL OR EXISTS (SELECT 1 FROM waiting))
+    RETURNING id)
+SELECT (SELECT id FROM reset) AS reset, array(SELECT id FROM released ORDER BY id) AS released;
+
 -- insert_connector_event --
 -- Activity history of a connector.
 INSERT INTO outbox.connector_event (connector_id, connector_name, action, actor, detail)

@@ -41,6 +41,7 @@ class Connector:
     failures: int = 0
     backoff_until: datetime | None = None
     last_error: str | None = None
+    last_error_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Connector:

@@ -185,13 +185,15 @@ def start_server(
     auth: Authenticator | None = None,
     name: str = "smtp",
     recorder_factory: Callable[[], Recorder] | None = None,
+    port: int | None = None,
     **extra: Any,
 ) -> Server:
     """mode: `plain` (no TLS offered), `starttls` (offered; required when `auth`), `tls`.
+    `port`: listen there (a server coming back where a connector points); default a free one.
     `extra` goes to aiosmtpd's SMTP (e.g. enable_SMTPUTF8=True)."""
     recorder = (recorder_factory or Recorder)()
     recorder.name = name
-    port = free_port()
+    port = port or free_port()
     kwargs: dict[str, Any] = {"hostname": "localhost", "port": port, "server_hostname": "localhost"}
     smtp_params: dict[str, Any] = {"decode_data": False, **extra}
     if mode == "tls":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from typing import Any
 
 import click
 import psycopg
 
-from outbox import connectors
+from outbox import connectors, operations
 from outbox import settings as runtime_settings
 from outbox.cli.base import (
     EXIT_ERROR,
@@ -150,8 +151,12 @@ def connector_update(
     password = _read_password() if password_stdin else None
     if not changes and password is None:
         raise ValidationError("nothing to change: give at least one option")
-    changed = connectors.update(conn, name, changes, password=password, actor=actor)
-    click.echo(f"connector {name} updated: {', '.join(changed) or 'no change'}")
+    done = connectors.update(conn, name, changes, password=password, actor=actor)
+    click.echo(f"connector {name} updated: {', '.join(done.changed) or 'no change'}" + _ended(done.backoff))
+
+
+def _ended(backoff: connectors.BackoffReset | None) -> str:
+    return f"; {backoff.summary()}" if backoff is not None and backoff.reset else ""
 
 
 def _read_password() -> str:
@@ -165,7 +170,11 @@ def _read_password() -> str:
 @json_option
 @with_conn
 def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
-    """List connectors (passwords are never shown, only how they are kept)."""
+    """List connectors (passwords are never shown, only how they are kept).
+
+    STATE is ok, disabled, failing, or "backing off until T" after failures to reach or log
+    in to the server; ERROR is the last error while it is current (nothing got through and no
+    reset since). --json also keeps the history: last_error and last_error_at."""
     rows = [connectors.describe(c) for c in connectors.load_all(conn)]
     emit(
         rows,
@@ -184,8 +193,8 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
                     "password",
                     "enabled",
                     "default_gateway",
-                    "health",
-                    "last_error",
+                    "state",
+                    "error",
                 ],
             )
             if rs
@@ -199,9 +208,11 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
 @click.option("--actor", help="Who is making the change (default: the OS user).")
 @with_conn
 def connector_enable(conn: psycopg.Connection[Any], name: str, actor: str | None) -> None:
-    """Enable a connector and release the messages held for it."""
-    released = connectors.set_enabled(conn, name, True, actor=actor)
-    click.echo(f"connector {name} enabled; {released} held message(s) released")
+    """Enable a connector, release the messages held for it and end any backoff."""
+    done = connectors.set_enabled(conn, name, True, actor=actor)
+    click.echo(
+        f"connector {name} enabled; {done.released_held} held message(s) released" + _ended(done.backoff)
+    )
 
 
 @connector.command("disable")
@@ -228,17 +239,54 @@ def connector_rotate_key(conn: psycopg.Connection[Any], actor: str | None) -> No
 
 @connector.command("test")
 @click.argument("name")
+@click.option("--actor", help="Who is testing (default: the OS user); recorded when it ends a backoff.")
 @json_option
 @with_conn
-def connector_test(conn: psycopg.Connection[Any], name: str, as_json: bool) -> None:
-    """Connect, secure, say EHLO and authenticate; send nothing (Enate's Test Connection)."""
+def connector_test(conn: psycopg.Connection[Any], name: str, actor: str | None, as_json: bool) -> None:
+    """Connect, secure, say EHLO and authenticate; send nothing (Enate's Test Connection).
+
+    A passing test ends the connector's backoff: mail waiting for it is due now."""
     result = _probe(conn, connectors.get(conn, name))
+    backoff = connectors.reset_backoff(conn, name, by="test", actor=actor) if result["ok"] else None
+    result["backoff_reset"] = backoff.as_dict() if backoff is not None and backoff.reset else None
     emit(
         result,
         as_json,
         lambda r: "\n".join(
-            f"{'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['detail']}" for s in r["steps"]
+            [f"{'ok  ' if s['ok'] else 'FAIL'} {s['step']}: {s['detail']}" for s in r["steps"]]
+            + ([f"connector {name}: {backoff.summary()}"] if backoff is not None and backoff.reset else [])
         ),
     )
     if not result["ok"]:
         sys.exit(EXIT_ERROR)
+
+
+@connector.command("reset")
+@click.argument("name")
+@click.option("--actor", help="Who is doing this (default: the OS user); audited.")
+@json_option
+@with_conn
+def connector_reset(conn: psycopg.Connection[Any], name: str, actor: str | None, as_json: bool) -> None:
+    """End a connector's backoff now: mail waiting for it is sent within seconds.
+
+    Clears its failure count (its last error stays in the history), makes the messages that
+    wait for its backoff due now and has every worker reload it. Audited. On a healthy
+    connector with nothing waiting it changes nothing."""
+    done = operations.reset_connector(conn, name, actor=actor)
+    emit(done, as_json, _render_reset)
+
+
+def _render_reset(d: dict[str, Any]) -> str:
+    if not d["reset"]:
+        return f"connector {d['connector']} is healthy and no mail waits for it: nothing to reset"
+    was = d["was"]
+    if was["backoff_until"] or was["failures"]:
+        why = f"{was['failures']} failure(s), last: {was['last_error']}"
+        if was["backoff_until"]:
+            until = datetime.fromisoformat(was["backoff_until"]).isoformat(timespec="seconds")
+            why = f"backing off until {until} after {why}"
+        head = f"connector {d['connector']}: backoff ended (was {why})"
+    else:
+        head = f"connector {d['connector']}: mail waiting for an ended backoff is due again"
+    ids = f": {', '.join(map(str, d['ids']))}" if d["ids"] else ""
+    return f"{head}; {d['count']} waiting message(s) due now{ids}"

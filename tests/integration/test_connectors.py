@@ -87,7 +87,7 @@ def test_disabled_connector_holds_until_enabled(db, smtp_factory, pipeline):
     assert row[0] == 0 and "sales" in row[1] and "disabled" in row[1]
     pipeline.cycle()
     assert relay.recorder.received == []  # never silently through another connector
-    assert connectors.set_enabled(db, "sales", True) == 1
+    assert connectors.set_enabled(db, "sales", True).released_held == 1
     pipeline.until_status(msg_id, "sent")
     assert len(sales.recorder.wait_for(1)) == 1 and relay.recorder.received == []
 
@@ -332,10 +332,10 @@ def test_update_moves_a_connector_to_a_new_server_and_is_recorded(db, smtp_facto
     add(db, old_server, "gateway", "gateway@example.com", default_gateway=True)
     first = send(db, "app@example.com")
     pipeline.until_status(first, "sent")
-    changed = connectors.update(
+    done = connectors.update(
         db, "gateway", {"port": new_server.port, "aliases": ("App@Example.com",)}, actor="ops-anna"
     )
-    assert changed == ["aliases", "port"]
+    assert done.changed == ["aliases", "port"] and not done.backoff.reset  # it was healthy
     second = send(db, "app@example.com")
     pipeline.until_status(second, "sent")
     assert len(old_server.recorder.received) == 1 and len(new_server.recorder.received) == 1

@@ -216,3 +216,24 @@ def test_idempotency_keys_stay_unique(db):
     db.execute(sql, ["a@example.com", ["b@example.org"], "s", "t", None])
     with pytest.raises(psycopg.errors.UniqueViolation):
         db.execute(sql, ["a@example.com", ["b@example.org"], "s", "t", "order-1"])
+
+
+def test_db_init_lets_an_older_database_audit_connector_resets(db):
+    audit = "INSERT INTO outbox.operator_audit (action, actor, count) VALUES ('connector-reset', 'ops', 0)"
+    oid = "SELECT oid FROM pg_constraint WHERE conname = 'operator_audit_action_valid'"
+    db.execute("ALTER TABLE outbox.operator_audit DROP CONSTRAINT operator_audit_action_valid")
+    db.execute(
+        "ALTER TABLE outbox.operator_audit ADD CONSTRAINT operator_audit_action_valid "
+        "CHECK (action IN ('replay', 'cancel', 'send-now', 'prune'))"
+    )
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute(audit)
+    with db.transaction():
+        db.execute(schema_sql())
+    db.execute(audit)
+    widened = db.execute(oid).fetchone()[0]
+    with db.transaction():
+        db.execute(schema_sql())
+    assert db.execute(oid).fetchone()[0] == widened  # left alone once it allows the action
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("INSERT INTO outbox.operator_audit (action, actor, count) VALUES ('reboot', 'ops', 0)")
