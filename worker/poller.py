@@ -23,6 +23,7 @@ from tenacity.stop import stop_base
 
 from outbox import logs
 from outbox.config import Config
+from outbox.connections import connect_poller, pg_kwargs
 from outbox.settings import Settings
 from outbox.sql import queries
 from worker import metrics
@@ -79,7 +80,7 @@ class Poller:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.config.database_url, autocommit=True)
+            self._conn = connect_poller(self.config.database_url)
         return self._conn
 
     def run_once(self) -> Cycle:
@@ -146,7 +147,8 @@ class Poller:
         """The LISTEN connection. It is opened before a scan, never after: an insert that
         commits before LISTEN is found by the scan, one after it wakes the wait."""
         if self._listen is None or self._listen.closed:
-            self._listen = psycopg.connect(self.config.database_url, autocommit=True)
+            url = self.config.database_url
+            self._listen = psycopg.connect(url, autocommit=True, **pg_kwargs(url))
             self._listen.execute(f"LISTEN {CHANNEL}")
         return self._listen
 
