@@ -125,6 +125,7 @@ class Poller:
                 Q["claim_due"],
                 {
                     "limit": self.config.claim_batch,
+                    "max_in_flight": self.config.max_in_flight,
                     "lease_seconds": settings.lease_seconds,
                 },
             ).fetchall()
@@ -208,8 +209,11 @@ class Poller:
             if cycle.dispatched:
                 return False  # more may have arrived meanwhile: look again at once
             next_due = self.seconds_to_next_due()
-            if next_due is not None:
-                wait = min(wait, max(0.0, next_due))
+            # Rows due now that the cycle left alone wait for room under `max_in_flight` (or
+            # are being claimed by another poller): look again on the interval or a NOTIFY,
+            # do not spin on them.
+            if next_due is not None and next_due > 0:
+                wait = min(wait, next_due)
             self._wait(wait)
             return False
         except INFRA_ERRORS:
