@@ -49,6 +49,33 @@ def connect_poller(database_url: str) -> psycopg.Connection[Any]:
     return conn
 
 
+PG_SCHEMES = ("postgresql", "postgres")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def check_database_url(url: str) -> None:
+    """Raise ValueError (one line, no password) for a URL or connection string libpq cannot
+    use as given; found before connecting, so a typo is not mistaken for an outage."""
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is not None and scheme not in PG_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme + '://'!r} (expected postgresql://)")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise ValueError(reason.replace(url, redact_url(url))) from None
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"port {port!r} is not a port number")
+    for key in ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval"):
+        value = params.get(key)
+        if value is not None and not str(value).lstrip("-").isdigit():
+            raise ValueError(f"{key} {value!r} is not a number")
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in SSLMODES:
+        raise ValueError(f"sslmode {sslmode!r} is not one of {', '.join(SSLMODES)}")
+
+
 # -- Redis ----------------------------------------------------------------------------------
 
 # Dramatiq's Redis consumer never blocks in Redis: it fetches with a Lua script and sleeps on
@@ -69,6 +96,14 @@ def redis_client(url: str) -> redis.Redis:
     keyword arguments would not work: with a URL, Dramatiq builds the connection pool from the
     URL alone and redis-py ignores connection options next to a pool.)"""
     return redis.Redis.from_url(url, **REDIS_OPTIONS)
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError (one line, no password) for a Redis URL redis-py cannot use."""
+    try:
+        redis.ConnectionPool.from_url(url)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(url, redact_url(url))) from None
 
 
 def redact_url(url: str) -> str:

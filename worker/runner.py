@@ -136,6 +136,9 @@ class WorkerProcess:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Dramatiq's consumer expects only connection errors from Redis; a timeout (a hung
+        # Redis) it logs as unexpected, with a traceback of some 80 lines every few seconds.
+        logs.one_line_errors(redis.exceptions.RedisError, dramatiq.errors.BrokerError)
         self.broker, self.actor, _ = make_broker(config)
         self.worker = _Worker(
             self.broker,

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from outbox.cli.base import (
+    check_redis_url_option,
     cli,
     db_option,
 )
@@ -26,6 +27,7 @@ def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
             show_envvar=True,
             default=Config.model_fields["redis_url"].default,
             show_default=True,
+            callback=check_redis_url_option,
         ),
         click.option(
             "--queue",
