@@ -124,11 +124,21 @@ def run_poller_process(config: Config) -> None:
     stop = threading.Event()
     signals = StopSignals(stop)
     metrics.serve(config.metrics_port, config.metrics_host)
-    thread = threading.Thread(target=run_poller, args=(config, stop), name="outbox-poller", daemon=True)
+    failed: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            run_poller(config, stop)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=poll, name="outbox-poller", daemon=True)
     thread.start()
     signals.wait(thread)
     stop.set()
     thread.join()
+    if failed:
+        raise failed[0]  # as if it had run on this thread: the CLI reports it
 
 
 class WorkerProcess:

@@ -163,3 +163,14 @@ def test_library_redis_errors_are_logged_without_traceback():
     lines = stream.getvalue().splitlines()
     assert lines[0] == "Consumer failed. TimeoutError: Timeout reading from 127.0.0.1:6379"
     assert lines[1] == "Something else." and "Traceback" in lines[2]  # other errors keep theirs
+
+
+def test_poll_against_a_database_without_the_schema_is_one_line(cli_env, database_url):
+    """The poller runs on a thread of `outbox poll`; what ends it still reaches the CLI."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA outbox CASCADE")
+    proc = outbox(cli_env, "poll", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("outbox: error: the outbox schema is missing")
