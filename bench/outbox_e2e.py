@@ -441,7 +441,7 @@ def claim_timing(
     from outbox.sql import queries
 
     sql = queries("worker")["claim_due"]
-    params = {"limit": batch, "lease_seconds": 300.0}
+    params = {"limit": batch, "max_in_flight": 5000, "lease_seconds": 300.0}
     env.runs += 1
     empty_db = env.dbs.create(f"claimempty{env.runs}", template=env.template)
     full_db = env.dbs.create(f"claimfull{env.runs}", template=env.template)

@@ -34,6 +34,13 @@ class Config(BaseSettings):
     # each batch costs a claim and an outcome statement (25 -> 100: +35% msg/s in bench/).
     # Under light load a batch holds what was due, often one row.
     dispatch_batch: int = Field(100, ge=1, le=1000)
+    # Rows in flight (dispatched + sending) at most: the poller claims no more while this many
+    # are with the broker and the workers, so a backlog never outruns its leases.
+    max_in_flight: int = Field(5000, ge=1)
+    # SIGTERM/SIGINT: how long the processes of `outbox run`/`outbox worker` may take to finish
+    # their in-flight sends (all in parallel) before they are killed. Keep it shorter than the
+    # orchestrator's grace period (compose: stop_grace_period 30s).
+    shutdown_seconds: float = Field(25.0, gt=0)
     local_hostname: str = Field(default_factory=socket.gethostname)
     log_format: str = "console"
     log_level: str = "info"

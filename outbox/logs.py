@@ -37,3 +37,27 @@ def configure(*, level: str = "info", fmt: str = "console") -> None:
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)  # type: ignore[no-any-return]
+
+
+class _OneLine(logging.Filter):
+    """Library records about an exception of `types` (a service that cannot be reached) on one
+    line: the message and the error, without the traceback."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.types = types
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.types):
+            record.msg = f"{record.getMessage()} {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def one_line_errors(*types: type[BaseException]) -> None:
+    """Log library errors of these types without their traceback (on every root handler)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OneLine) for f in handler.filters):
+            handler.addFilter(_OneLine(types))

@@ -16,6 +16,7 @@ from dramatiq.middleware import Middleware
 from dramatiq.middleware.asyncio import AsyncIO
 
 from outbox.config import Config
+from outbox.connections import redis_client
 from worker.delivery import Delivery
 
 ACTOR_NAME = "deliver"
@@ -50,7 +51,9 @@ def make_broker(config: Config) -> tuple[RedisBroker, dramatiq.Actor[Any, Any], 
     """A Redis broker with the `deliver` actor registered on `config.queue`."""
     lifecycle = DeliveryLifecycle(config)
     broker = RedisBroker(
-        url=config.redis_url, namespace=config.redis_namespace, middleware=[AsyncIO(), lifecycle]
+        client=redis_client(config.redis_url),
+        namespace=config.redis_namespace,
+        middleware=[AsyncIO(), lifecycle],
     )
 
     async def deliver(batch: list[list[Any]]) -> None:

@@ -26,6 +26,7 @@ from tenacity import (
 
 from outbox import logs
 from outbox.config import Config
+from outbox.connections import pg_kwargs
 from outbox.message import Attachment, build, render
 from outbox.resolve import Connector, Route, resolve
 from outbox.settings import Settings
@@ -116,7 +117,7 @@ class Delivery:
             config.database_url,
             min_size=1,
             max_size=max(4, config.worker_threads + 2),
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, **pg_kwargs(config.database_url)},
             open=False,
             name="outbox-worker",
         )

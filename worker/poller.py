@@ -23,6 +23,7 @@ from tenacity.stop import stop_base
 
 from outbox import logs
 from outbox.config import Config
+from outbox.connections import connect_poller, pg_kwargs, redact_url
 from outbox.settings import Settings
 from outbox.sql import queries
 from worker import metrics
@@ -35,14 +36,36 @@ MAINTENANCE_SECONDS = 1.0
 # `run --until-idle`: how often to look whether the messages in flight have finished.
 UNTIL_IDLE_CHECK_SECONDS = 0.1
 
-# Postgres down, Redis down: back off and carry on.
-INFRA_ERRORS = (
-    psycopg.OperationalError,
+REDIS_ERRORS = (
     dramatiq.errors.BrokerConnectionError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
-    ConnectionError,
 )
+# Postgres down, Redis down: back off and carry on.
+INFRA_ERRORS = (psycopg.OperationalError, *REDIS_ERRORS, ConnectionError)
+
+
+class _Outage:
+    """One warning line when a service cannot be reached, one info line when it is back; the
+    retries in between are logged at debug level only (no traceback, no line per retry)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.down = False
+
+    def failed(self, exc: BaseException | None) -> None:
+        text = str(exc).strip()
+        error = text.splitlines()[0] if text else type(exc).__name__
+        if self.down:
+            log.debug(f"still cannot reach {self.what}; retrying", error=error)
+        else:
+            self.down = True
+            log.warning(f"cannot reach {self.what}; retrying", error=error)
+
+    def recovered(self) -> None:
+        if self.down:
+            self.down = False
+            log.info(f"reached {self.what} again")
 
 
 class _stop_on_event(stop_base):
@@ -74,12 +97,14 @@ class Poller:
         self._stop = threading.Event()
         self._maintained_at = -MAINTENANCE_SECONDS
         self._settings = Settings()
+        self._redis = _Outage(f"Redis at {redact_url(config.redis_url)}")
+        self._postgres = _Outage("Postgres")
 
     # -- one cycle -------------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.config.database_url, autocommit=True)
+            self._conn = connect_poller(self.config.database_url)
         return self._conn
 
     def run_once(self) -> Cycle:
@@ -95,7 +120,17 @@ class Poller:
             if n < self.config.claim_batch:
                 return cycle
 
+    def _ping_redis(self) -> None:
+        """Look whether Redis answers (once a second, with the maintenance), so that an
+        outage is reported even while nothing is due. (An actor without a broker, as in some
+        tests, has nothing to ping.)"""
+        broker = getattr(self.actor, "broker", None)
+        if broker is not None:
+            broker.client.ping()
+        self._redis.recovered()
+
     def _maintain(self, conn: psycopg.Connection[Any], cycle: Cycle) -> None:
+        self._ping_redis()
         with conn.cursor(row_factory=dict_row) as cur:
             settings = self._settings = Settings.model_validate(cur.execute(Q["settings"]).fetchone() or {})
             reaped = cur.execute(
@@ -124,6 +159,7 @@ class Poller:
                 Q["claim_due"],
                 {
                     "limit": self.config.claim_batch,
+                    "max_in_flight": self.config.max_in_flight,
                     "lease_seconds": settings.lease_seconds,
                 },
             ).fetchall()
@@ -146,7 +182,8 @@ class Poller:
         """The LISTEN connection. It is opened before a scan, never after: an insert that
         commits before LISTEN is found by the scan, one after it wakes the wait."""
         if self._listen is None or self._listen.closed:
-            self._listen = psycopg.connect(self.config.database_url, autocommit=True)
+            url = self.config.database_url
+            self._listen = psycopg.connect(url, autocommit=True, **pg_kwargs(url))
             self._listen.execute(f"LISTEN {CHANNEL}")
         return self._listen
 
@@ -171,10 +208,7 @@ class Poller:
             wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.5),
             retry=retry_if_exception_type(INFRA_ERRORS),
             reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "poller cannot reach Postgres or Redis; retrying",
-                error=str(rs.outcome.exception()) if rs.outcome else None,
-            ),
+            before_sleep=self._failed,
         )
         try:
             while not stop.is_set():
@@ -191,11 +225,16 @@ class Poller:
             self.close()
             log.info("poller stopped")
 
+    def _failed(self, retry_state: Any) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        (self._redis if isinstance(exc, REDIS_ERRORS) else self._postgres).failed(exc)
+
     def _step(self, until_idle: bool) -> bool:
         """One cycle and the wait after it; True when `until_idle` finds nothing left."""
         try:
             self._listening()
             cycle = self.run_once()
+            self._postgres.recovered()
             wait = self.config.poll_interval_seconds
             if until_idle and cycle.dispatched == 0:
                 p = self.pending()
@@ -206,8 +245,11 @@ class Poller:
             if cycle.dispatched:
                 return False  # more may have arrived meanwhile: look again at once
             next_due = self.seconds_to_next_due()
-            if next_due is not None:
-                wait = min(wait, max(0.0, next_due))
+            # Rows due now that the cycle left alone wait for room under `max_in_flight` (or
+            # are being claimed by another poller): look again on the interval or a NOTIFY,
+            # do not spin on them.
+            if next_due is not None and next_due > 0:
+                wait = min(wait, next_due)
             self._wait(wait)
             return False
         except INFRA_ERRORS:

@@ -1,11 +1,15 @@
 -- claim_due --
--- Claim up to `limit` due rows for dispatch under a lease. The locked subset is materialised
--- first so the planner cannot re-run it and claim more than `limit` rows.
+-- Claim up to `limit` due rows for dispatch under a lease, and never more than keeps the rows
+-- in flight (dispatched or sending) within `max_in_flight`: a backlog larger than the workers
+-- get through in a lease waits here, in the table, instead of expiring in Redis. The count
+-- reads only the partial index message_lease_idx (in-flight rows, at most about the cap).
+-- The locked subset is materialised first so the planner cannot re-run it and claim more.
 WITH due AS MATERIALIZED (
     SELECT id FROM outbox.message
      WHERE status IN ('queued', 'retry') AND next_attempt_at <= now()
      ORDER BY priority DESC, next_attempt_at, id
-     LIMIT %(limit)s
+     LIMIT greatest(0, least(%(limit)s, %(max_in_flight)s - (
+               SELECT count(*) FROM outbox.message WHERE status IN ('dispatched', 'sending'))))
        FOR UPDATE SKIP LOCKED)
 UPDATE outbox.message m
    SET status = 'dispatched', lease_token = gen_random_uuid(),

@@ -13,8 +13,28 @@ import psycopg
 
 from outbox import logs
 from outbox.config import Config
+from outbox.connections import check_database_url, check_redis_url
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+
+
+def _checked(check: Callable[[str], None]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: a malformed value is a usage error (one line, exit 2), found before
+    anything connects, so it is never mistaken for a service that cannot be reached."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        return value
+
+    return callback
+
+
+check_database_url_option = _checked(check_database_url)
+check_redis_url_option = _checked(check_redis_url)
 
 
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,6 +44,7 @@ def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
         show_envvar=True,
         default=Config.model_fields["database_url"].default,
         show_default=True,
+        callback=check_database_url_option,
         help="Postgres connection URL.",
     )(f)
 
@@ -82,6 +103,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     "--database-url",
     "group_database_url",
     metavar="URL",
+    callback=check_database_url_option,
     help="Postgres connection URL for the command that follows (same as its own --database-url).",
 )
 def cli(log_level: str, log_format: str, group_database_url: str | None) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import threading
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from outbox.cli.base import (
+    check_redis_url_option,
     cli,
     db_option,
 )
@@ -26,6 +27,7 @@ def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
             show_envvar=True,
             default=Config.model_fields["redis_url"].default,
             show_default=True,
+            callback=check_redis_url_option,
         ),
         click.option(
             "--queue",
@@ -102,25 +104,18 @@ def _config(**flags: Any) -> Config:
 )
 def run(until_idle: bool, **flags: Any) -> None:
     """Poller and workers together, for one machine."""
-    from worker.runner import install_signal_handlers, run_all
+    from worker.runner import run_all
 
-    stop = threading.Event()
-    install_signal_handlers(stop)
-    run_all(_config(**flags), stop, until_idle=until_idle)
+    sys.exit(run_all(_config(**flags), until_idle=until_idle))
 
 
 @cli.command("poll")
 @_runner_options
 def poll(**flags: Any) -> None:
     """Only the poller: claim due rows and hand them to the broker."""
-    from worker import metrics
-    from worker.runner import install_signal_handlers, run_poller
+    from worker.runner import run_poller_process
 
-    config = _config(**flags)
-    stop = threading.Event()
-    install_signal_handlers(stop)
-    metrics.serve(config.metrics_port, config.metrics_host)
-    run_poller(config, stop)
+    run_poller_process(_config(**flags))
 
 
 @cli.command("worker")
@@ -128,11 +123,9 @@ def poll(**flags: Any) -> None:
 @_worker_options
 def worker_cmd(**flags: Any) -> None:
     """Only workers: consume the broker queue and send mail."""
-    from worker.runner import install_signal_handlers, run_all_workers
+    from worker.runner import run_all_workers
 
-    stop = threading.Event()
-    install_signal_handlers(stop)
-    run_all_workers(_config(**flags), stop)
+    sys.exit(run_all_workers(_config(**flags)))
 
 
 @cli.command("catcher")

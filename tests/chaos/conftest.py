@@ -143,11 +143,13 @@ class Chaos:
             "GROUP BY message_id HAVING count(*) > 1"
         )
         assert not one_writer, f"more than one attempt finalised these as sent: {one_writer}"
+        [(attempts,)] = self.sql("SELECT coalesce(sum(attempts), 0) FROM outbox.message")
         return {
             "messages": len(rows),
             "sent": len(sent_ids),
             "lost": len(lost),
             "duplicates": sum(n - 1 for n in copies.values()),
+            "attempts": int(attempts),
         }
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,6 +200,18 @@ class OutboxProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def children(self) -> list[int]:
+        """The live child processes (Linux /proc)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            return [int(pid) for pid in path.read_text().split()]
+        return []
+
+    def slots(self) -> dict[int, int]:
+        """Worker process slot -> pid of the latest child the supervisor started for it."""
+        started = re.findall(r"worker process started\s+pid=(\d+) poller=\S+ slot=(\d+)", self.output())
+        return {int(slot): int(pid) for pid, slot in started}
 
     def output(self) -> str:
         self.log.flush()

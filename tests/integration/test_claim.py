@@ -32,7 +32,9 @@ def enqueue(db: psycopg.Connection[Any], n: int) -> list[int]:
 def test_claim_waits_for_the_dispatching_transaction_then_claims(db, database_url, parked_gateway):
     [msg_id] = enqueue(db, 1)
     with psycopg.connect(database_url) as poller:  # the poller's transaction, still open
-        [(_, token)] = poller.execute(Q["claim_due"], {"limit": 10, "lease_seconds": 300}).fetchall()
+        [(_, token)] = poller.execute(
+            Q["claim_due"], {"limit": 10, "max_in_flight": 5000, "lease_seconds": 300}
+        ).fetchall()
         claimed: list[Any] = []
 
         def worker() -> None:
@@ -60,7 +62,9 @@ def test_claim_waits_for_the_dispatching_transaction_then_claims(db, database_ur
 
 def test_claim_with_a_stale_token_claims_nothing(db, parked_gateway):
     [msg_id] = enqueue(db, 1)
-    [(_, token)] = db.execute(Q["claim_due"], {"limit": 10, "lease_seconds": 300}).fetchall()
+    [(_, token)] = db.execute(
+        Q["claim_due"], {"limit": 10, "max_in_flight": 5000, "lease_seconds": 300}
+    ).fetchall()
     other = "00000000-0000-0000-0000-000000000000"
     assert db.execute(Q["claim"], {"ids": [msg_id], "tokens": [other], "lease_seconds": 300}).fetchall() == []
     assert db.execute(Q["claim"], {"ids": [msg_id], "tokens": [token], "lease_seconds": 300}).fetchall()
@@ -138,7 +142,10 @@ def test_worker_stalled_right_after_its_claim_holds_no_row_locks(
     db, config: Config, parked_gateway, freezing_proxy: FreezingProxy
 ):
     ids = enqueue(db, 3)
-    handed = [list(r) for r in db.execute(Q["claim_due"], {"limit": 10, "lease_seconds": 300})]
+    handed = [
+        list(r)
+        for r in db.execute(Q["claim_due"], {"limit": 10, "max_in_flight": 5000, "lease_seconds": 300})
+    ]
     via_proxy = psycopg.conninfo.make_conninfo(
         config.database_url, host="127.0.0.1", port=str(freezing_proxy.port)
     )

@@ -262,3 +262,26 @@ def test_grafana_is_provisioned_with_both_datasources_and_the_dashboard() -> Non
     dashboard = json.loads((dashboards / "outbox.json").read_text())
     used = {p["datasource"]["uid"] for p in dashboard["panels"] if p.get("datasource")}
     assert used == set(datasources)
+
+
+def _seconds(value: Any) -> float:
+    """A compose duration ("30s", "1m30s"; `config` may print it back as given)."""
+    import re
+
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(value))
+    assert parts, f"unreadable duration {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_grace_period_outlasts_the_shutdown_deadline() -> None:
+    """Compose SIGTERMs the poller and workers, then kills them after stop_grace_period: the
+    processes must have drained (OUTBOX_SHUTDOWN_SECONDS) before that."""
+    from outbox.config import Config
+
+    services = _services()
+    for name in ("poller", "worker"):
+        env = _environment(services[name])
+        shutdown = float(env.get("OUTBOX_SHUTDOWN_SECONDS", Config.model_fields["shutdown_seconds"].default))
+        grace = _seconds(services[name].get("stop_grace_period", "10s"))
+        assert grace == 30 and shutdown + 3 <= grace, (name, grace, shutdown)

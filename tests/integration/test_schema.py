@@ -81,7 +81,10 @@ def test_claim_uses_the_partial_index(db):
 
     plan = "\n".join(
         r[0]
-        for r in db.execute("EXPLAIN " + queries("worker")["claim_due"], {"limit": 50, "lease_seconds": 60})
+        for r in db.execute(
+            "EXPLAIN " + queries("worker")["claim_due"],
+            {"limit": 50, "max_in_flight": 5000, "lease_seconds": 60},
+        )
     )
     assert "message_due_idx" in plan, plan
 

@@ -53,7 +53,9 @@ def make_machine(database_url: str) -> type[RuleBasedStateMachine]:
                 "AND status IN ('queued', 'retry')",
                 [self.id],
             )
-            claimed = self.conn.execute(Q["claim_due"], {"limit": 10, "lease_seconds": 300}).fetchall()
+            claimed = self.conn.execute(
+                Q["claim_due"], {"limit": 10, "max_in_flight": 5000, "lease_seconds": 300}
+            ).fetchall()
             self.tokens += [r["lease_token"] for r in claimed]
 
         @rule(which=st.integers(min_value=-3, max_value=-1))
