@@ -430,7 +430,7 @@ class Delivery:
         pooled connection behind claims, nor for a connection to be made."""
         if self._writer_conn is None or self._writer_conn.closed:
             self._writer_conn = await psycopg.AsyncConnection.connect(
-                self.config.database_url, autocommit=True
+                self.config.database_url, autocommit=True, **pg_kwargs(self.config.database_url)
             )
         return self._writer_conn
 
