@@ -166,7 +166,8 @@ class Delivery:
     ) -> tuple[Settings, list[Connector]]:
         """Settings and connectors, re-read when an operator changed them (their version moved)
         or, for the workers' own health columns, at most CONFIG_TTL_SECONDS late."""
-        stale = time.monotonic() - self._loaded_at >= CONFIG_TTL_SECONDS
+        started = time.monotonic()
+        stale = started - self._loaded_at >= CONFIG_TTL_SECONDS
         if stale or version != self._version:
             if version is None or stale:
                 version = tuple((await (await cur.execute(Q["config_version"])).fetchone() or {}).values())
@@ -176,7 +177,7 @@ class Delivery:
             self._connectors = [
                 Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
             ]
-            self._loaded_at, self._version = time.monotonic(), version
+            self._loaded_at, self._version = started, version
         return self._settings, self._connectors
 
     async def _claim(self, handed: Sequence[Sequence[Any]]) -> Batch | None:
@@ -278,6 +279,8 @@ class Delivery:
                 timeout=settings.smtp_timeout_seconds,
                 dot_timeout=settings.smtp_dot_timeout_seconds,
             )
+            if pool.rest_until is not None and self._loaded_at > pool.rested_at:
+                pool.wake()  # configuration read after the rest began shows no backoff any more
             outcome = await pool.send(
                 row["from_addr"],
                 recipients,

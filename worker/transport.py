@@ -170,10 +170,16 @@ class ConnectorPool:
         self._tripped: str | None = None  # the problem, until the backoff's end is known
         self._rest_until: datetime | None = None
         self._rest_error = ""
+        self.rested_at = 0.0  # time.monotonic() when rest() was last called
 
     def rest(self, until: datetime, error: str) -> None:
         """Send nothing through this connector before `until`."""
         self._tripped, self._rest_until, self._rest_error = None, until, error
+        self.rested_at = time.monotonic()
+
+    def wake(self) -> None:
+        """End the rest early (the connector's backoff in Postgres was lifted)."""
+        self._rest_until = None
 
     @property
     def rest_until(self) -> datetime | None:
