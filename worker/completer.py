@@ -48,6 +48,7 @@ class Completer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._first_at = 0.0
+        self._busy = False
 
     def submit(self, params: Mapping[str, Any]) -> asyncio.Future[bool]:
         """Queue one outcome; the future says whether it was written (False: the lease was
@@ -69,13 +70,15 @@ class Completer:
             if self._closing and not self._pending:
                 return
             await self._arrived.wait()
-            # The linger counts from the oldest pending outcome's arrival: under load, what
-            # arrived during the previous write goes out at once.
-            linger = self._first_at + self._linger - self._loop.time()
+            # Under light load (the last write carried one outcome) an outcome is written at
+            # once. Otherwise the linger counts from the oldest pending outcome's arrival, so
+            # what arrived during the previous write goes out at once too.
+            linger = self._first_at + self._linger - self._loop.time() if self._busy else 0.0
             if not self._closing and len(self._pending) < self._max and linger > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), linger)
             batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+            self._busy = len(batch) > 1
             self._first_at = self._loop.time()  # what is left arrived during this flush, at the latest
             if not self._pending:
                 self._arrived.clear()

@@ -20,22 +20,30 @@ RETURNING m.id, m.lease_token::text;
 
 -- reap_expired --
 -- Rows whose lease expired (worker died, Redis lost its keys) go back to the queue. A row lost
--- while `sending` counts its attempt, unless its worker had recorded that it was only waiting
--- for its connector (phase 'waiting', written by lease renewals); lost after DATA began it is
--- ambiguous (the server may have it): retried, or failed for an operator when
--- ambiguous_policy is 'hold'.
-WITH expired AS MATERIALIZED (
-    SELECT id, status AS was, phase AS was_phase,
-           CASE WHEN status = 'sending' AND phase = 'waiting' THEN greatest(attempts - 1, 0)
-                ELSE attempts END AS attempts,
-           connector_id,
+-- while `sending` counts its attempt, unless its worker had recorded no SMTP progress for it
+-- (phase 'claimed', or 'waiting' for its connector as lease renewals record): that attempt is
+-- given back, twice at most per message, so one that kills its worker every time still runs
+-- out. Lost after DATA began it is ambiguous (the server may have it): retried, or failed for
+-- an operator when ambiguous_policy is 'hold'.
+WITH lost AS MATERIALIZED (
+    SELECT id, status AS was, phase AS was_phase, attempts, connector_id,
            status = 'sending' AND phase IN ('data', 'dot') AS ambiguous,
-           status = 'sending' AND phase IS NOT DISTINCT FROM 'waiting' AS waited
+           status = 'sending' AND phase IN ('claimed', 'waiting') AS unstarted
       FROM outbox.message
      WHERE status IN ('dispatched', 'sending') AND lease_expires_at < now()
      ORDER BY lease_expires_at
      LIMIT 1000
        FOR UPDATE SKIP LOCKED),
+expired AS MATERIALIZED (
+    SELECT l.id, l.was, l.was_phase, l.connector_id, l.ambiguous,
+           l.attempts - w.refund AS attempts, w.refund = 1 AS waited
+      FROM lost l
+     CROSS JOIN LATERAL (
+        SELECT CASE WHEN l.unstarted AND l.attempts > 0 AND (
+                   SELECT count(*) FROM outbox.attempt a
+                    WHERE a.message_id = l.id AND a.outcome = 'lease-expired'
+                      AND a.phase IN ('claimed', 'waiting')) < 2
+               THEN 1 ELSE 0 END AS refund) w),
 moved AS (
     UPDATE outbox.message m
        SET status = CASE
@@ -45,7 +53,9 @@ moved AS (
                 ELSE 'retry' END,
            attempts = e.attempts,
            last_error = CASE WHEN e.waited
-                THEN 'worker lost while waiting for its connector (lease expired); no attempt spent'
+                THEN 'worker lost ' || CASE WHEN e.was_phase = 'waiting'
+                     THEN 'while waiting for its connector' ELSE 'before it reported progress' END
+                     || ' (lease expired); no attempt spent'
                 WHEN e.was = 'sending'
                 THEN 'worker lost during ' || coalesce(e.was_phase, 'sending') || ' (lease expired)'
                      || CASE

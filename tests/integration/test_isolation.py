@@ -141,3 +141,18 @@ def test_a_row_lost_while_waiting_for_its_connector_gets_its_attempt_back(db, pa
     ).fetchall()
     assert (status, attempts) == ("queued", 0)
     assert "waiting for its connector" in error and "no attempt spent" in error
+
+
+def test_a_message_that_keeps_killing_its_worker_right_after_its_claim_still_runs_out(db, parked_gateway):
+    """A worker lost before it reported progress gives the attempt back, twice at most."""
+    [msg] = enqueue(db, 1)
+    seen = []
+    for _ in range(4):
+        db.execute(
+            "UPDATE outbox.message SET status = 'sending', attempts = attempts + 1, phase = 'claimed', "
+            "lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 s' WHERE id = %s",
+            [msg],
+        )
+        db.execute(WQ["reap_expired"], {"max_attempts": 10, "ambiguous_policy": "retry"})
+        seen.append(db.execute("SELECT attempts FROM outbox.message WHERE id = %s", [msg]).fetchone()[0])
+    assert seen == [0, 0, 1, 2]

@@ -26,17 +26,24 @@ class FakeWriter:
         return {i for i in ids if i not in self.refuse}
 
 
-def test_outcomes_arriving_together_share_one_write():
+def test_a_lone_outcome_is_written_at_once_and_a_busy_stream_lingers_to_share_writes():
     async def main():
         writer = FakeWriter(refuse={3})
         completer = Completer(writer, linger=0.05)
+        assert await completer.submit({"id": 0})  # light load: no linger to wait for
+        writer.gate.clear()
+        blocked = completer.submit({"id": -1})  # these two go in one write: busy from now on
+        futures = [completer.submit({"id": -2})]
+        await asyncio.sleep(0.01)
+        writer.gate.set()
+        await asyncio.gather(blocked, *futures)
         futures = [completer.submit({"id": i}) for i in range(1, 6)]
         results = await asyncio.gather(*futures)
         await completer.aclose()
         return writer.writes, results
 
     writes, results = asyncio.run(main())
-    assert writes == [[1, 2, 3, 4, 5]]
+    assert writes == [[0], [-1, -2], [1, 2, 3, 4, 5]]
     assert results == [True, True, False, True, True]
 
 
