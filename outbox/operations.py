@@ -278,6 +278,16 @@ def plan_send_now(conn: psycopg.Connection[Any], ids: Iterable[int]) -> Plan:
     return plan
 
 
+def backing_off(conn: psycopg.Connection[Any], plan: Plan) -> list[dict[str, Any]]:
+    """The connectors of a plan's messages that are backing off now: their mail waits for
+    the backoff (or `outbox connector reset`) whatever the message's own schedule says."""
+    names = sorted({r["connector"] for r in plan.rows if r.get("connector")})
+    if not names:
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(Q["connectors_backing_off"], {"names": names}).fetchall()
+
+
 _APPLY = {"replay": "replay_messages", "cancel": "cancel_messages", "send-now": "send_now"}
 
 

@@ -184,6 +184,13 @@ SELECT m.id, m.status, c.name AS connector, m.from_addr, m.to_addrs, m.subject, 
         OR strpos(lower(coalesce(m.last_error, '')), lower(%(error_contains)s::text)) > 0)
  ORDER BY m.id;
 
+-- connectors_backing_off --
+-- Of these connector names, the ones backing off now, with until when and why.
+SELECT name, backoff_until, last_error
+  FROM outbox.connector
+ WHERE name = ANY(%(names)s::text[]) AND backoff_until > now()
+ ORDER BY name;
+
 -- existing_messages --
 -- Which of these ids exist, with their status.
 SELECT id, status FROM outbox.message WHERE id = ANY(%(ids)s::bigint[]);

@@ -209,6 +209,13 @@ def send_now(
     """Send scheduled messages (or ones pending a retry) now."""
     plan = operations.plan_send_now(conn, ids)
     _run(conn, plan, dry_run=dry_run, yes=True, actor=actor, as_json=as_json)
+    for c in operations.backing_off(conn, plan):
+        click.echo(
+            f"warning: connector {c['name']} is backing off until {c['backoff_until'].isoformat()} "
+            f"after: {c['last_error']}; its messages wait for it "
+            f"(`outbox connector reset {c['name']}` ends the backoff once it is fixed)",
+            err=True,
+        )
 
 
 @cli.command("prune")

@@ -455,3 +455,22 @@ def test_status_counts_last_hour_per_connector(db, smtp, pipeline, cli_env):
     assert hour["by_connector"] == {"gw": {"sent": 1, "failures": 1}}
     assert hour["by_outcome"] == {"sent": 1, "failed": 1}
     assert "last hour   1 sent, 1 failures" in run(cli_env, "status").stdout
+
+
+def test_send_now_warns_when_the_connector_is_backing_off(db, cli_env, parked_gateway):
+    msg = send(db)
+    db.execute(
+        "UPDATE outbox.connector SET failures = 2, backoff_until = now() + interval '1 hour', "
+        "last_error = 'SMTPConnectError: refused' WHERE name = 'parked'"
+    )
+    db.execute(
+        "UPDATE outbox.message SET status = 'retry', connector_id = (SELECT id FROM outbox.connector "
+        "WHERE name = 'parked'), next_attempt_at = now() + interval '1 hour' WHERE id = %s",
+        [msg],
+    )
+    proc = run(cli_env, "send-now", str(msg))
+    assert proc.returncode == 0
+    [warning] = proc.stderr.strip().splitlines()
+    assert warning.startswith("warning: connector parked is backing off until ")
+    assert "SMTPConnectError: refused" in warning and "outbox connector reset parked" in warning
+    assert row(db, msg, "status")[0] == "retry"  # due now; the connector's backoff still applies
