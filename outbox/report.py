@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import psycopg
@@ -93,6 +94,13 @@ def show(conn: psycopg.Connection[Any], message_id: int) -> dict[str, Any]:
         recipients = cur.execute(Q["recipients_of_message"], {"id": message_id}).fetchall()
     for key in ("text_body", "html_body", "lease_token"):
         row.pop(key, None)
+    content = row.pop("content", None)
+    row["content"] = row["content_base64"] = None  # the rendered MIME message, when stored
+    if content is not None:
+        try:
+            row["content"] = bytes(content).decode("utf-8")
+        except UnicodeDecodeError:
+            row["content_base64"] = base64.b64encode(bytes(content)).decode("ascii")
     row["recipients"] = recipients
     row["attempts_history"] = attempts
     return row

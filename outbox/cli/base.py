@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
 from functools import wraps
 from typing import Any
 
@@ -65,9 +67,22 @@ def with_conn(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _json_value(value: Any) -> Any:
+    """What `--json` prints for values JSON has no type for: ISO 8601 timestamps (with `T`),
+    durations in seconds, bytes as UTF-8 text (callers give undecodable bytes as base64 with a
+    field saying so, see `report.show`)."""
+    if isinstance(value, datetime | date | dt_time):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)  # UUID, Decimal, IP addresses
+
+
 def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(data, indent=2, default=_json_value))
     else:
         click.echo(render(data))
 

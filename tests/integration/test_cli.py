@@ -4,6 +4,7 @@ and on what the SMTP server receives."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
 from cryptography.fernet import Fernet
@@ -289,6 +290,11 @@ def test_run_until_idle_delivers_and_status_shows_it(cli_env, smtp, db):
     shown = json.loads(outbox(cli_env, "show", ids[0], "--json").stdout)
     assert shown["status"] == "sent" and shown["recipients"][0]["status"] == "sent"
     assert shown["attempts_history"][0]["smtp_code"] == 250
+    # for scripts: ISO 8601 timestamps that round-trip, the stored MIME message as text
+    for stamp in (shown["created_at"], shown["sent_at"], shown["attempts_history"][0]["started_at"]):
+        assert "T" in stamp and datetime.fromisoformat(stamp).tzinfo is not None, stamp
+    assert shown["content"].startswith(("From:", "Subject:", "To:", "Message-ID:", "Date:"))
+    assert shown["content_base64"] is None and "Subject: n0" in shown["content"]
     text = outbox(cli_env, "show", ids[0]).stdout
     assert "sent" in text and "Message-ID" in text
 
