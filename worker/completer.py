@@ -4,7 +4,8 @@ One `Completer` per worker process. Each finished message hands it its outcome; 
 writer task gathers what arrived within a short linger (or up to a size bound) and writes it
 with one `finish_attempts` statement. Fetch batches stay large (one claim per broker message),
 while the window in which a killed worker has sent mail it has not recorded is a time: the
-linger plus one write, tens of milliseconds. River's batch completer works the same way.
+linger plus one write, milliseconds. River's batch completer works the same way (see
+docs/design.md, "Outcomes: the completer").
 """
 
 from __future__ import annotations

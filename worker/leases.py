@@ -5,7 +5,7 @@ another worker. A message that waits long for its connector or for a slow server
 outlive it, so one task per process renews the leases of rows in flight for longer than a
 third of the lease, in one statement, and records each row's phase with it: the reaper then
 knows whether a lost worker's row had only waited for its connector (no attempt spent) or
-had reached the server.
+had reached the server. See docs/design.md ("Leases and fencing").
 """
 
 from __future__ import annotations
