@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from outbox import logs
 from outbox.report import STATUSES
 from outbox.sql import queries
 
@@ -57,6 +58,7 @@ def serve(port: int | None, host: str = "127.0.0.1") -> None:
     if port is not None:
         start_http_server(port, addr=host)
         _serving = True
+        logs.get("outbox.metrics").info("serving metrics", url=f"http://{host}:{port}/metrics")
 
 
 def refresh_gauges(conn: psycopg.Connection[Any], every: float = 10.0) -> None:

@@ -240,3 +240,13 @@ SELECT coalesce((SELECT backoff_until FROM bumped),
 -- A message went through: the connector is healthy again.
 UPDATE outbox.connector SET failures = 0, backoff_until = NULL
  WHERE id = %(id)s AND (failures > 0 OR backoff_until IS NOT NULL);
+
+-- run_summary --
+-- What a `run --until-idle` finished (rows that reached a final status since it started), and
+-- what still waits for a later retry or a schedule.
+SELECT count(*) FILTER (WHERE status = 'sent' AND updated_at >= %(since)s) AS sent,
+       count(*) FILTER (WHERE status = 'partial' AND updated_at >= %(since)s) AS partial,
+       count(*) FILTER (WHERE status = 'failed' AND updated_at >= %(since)s) AS failed,
+       count(*) FILTER (WHERE status IN ('queued', 'retry')) AS waiting
+  FROM outbox.message
+ WHERE status IN ('queued', 'retry') OR updated_at >= %(since)s;

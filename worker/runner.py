@@ -15,18 +15,23 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 import dramatiq
+import psycopg
 import redis
+from psycopg.rows import dict_row
 
 from outbox import logs
 from outbox.config import Config
-from outbox.connections import redact_url, redis_client
+from outbox.connections import pg_kwargs, redact_url, redis_client
+from outbox.sql import queries
 from worker import metrics
 from worker.broker import make_broker
 from worker.poller import Poller
 
 log = logs.get("outbox.runner")
+Q = queries("worker")
 # How long an idle Dramatiq consumer waits on Redis before looking again: the floor of the
 # pick-up latency when the queue was empty (Dramatiq polls; 100 ms cost ~50 ms at p50).
 CONSUMER_POLL_MS = 10
@@ -491,6 +496,36 @@ def run_all_workers(config: Config) -> int:
 
 def run_all(config: Config, *, until_idle: bool = False) -> int:
     """`outbox run`: poller and workers for one machine, as supervised worker processes (the
-    first also runs the poller)."""
+    first also runs the poller). With `until_idle`, ends with a one-line summary of the run."""
     _tune_gc()
-    return Supervisor(config, with_poller=True, until_idle=until_idle).run()
+    since = _db_now(config) if until_idle else None
+    code = Supervisor(config, with_poller=True, until_idle=until_idle).run()
+    if since is not None and code == 0:
+        _summarise(config, since)
+    return code
+
+
+def _db_now(config: Config) -> datetime | None:
+    """The database's clock (one short connection, closed before anything is forked)."""
+    with (
+        contextlib.suppress(psycopg.Error),
+        psycopg.connect(config.database_url, **pg_kwargs(config.database_url)) as conn,
+    ):
+        row = conn.execute("SELECT now()").fetchone()
+        return row[0] if row else None
+    return None
+
+
+def _summarise(config: Config, since: datetime) -> None:
+    with (
+        contextlib.suppress(psycopg.Error),
+        psycopg.connect(config.database_url, **pg_kwargs(config.database_url)) as conn,
+    ):
+        with conn.cursor(row_factory=dict_row) as cur:
+            s = cur.execute(Q["run_summary"], {"since": since}).fetchone() or {}
+        finished = {k: s[k] for k in ("sent", "partial", "failed") if s.get(k)}
+        log.info(
+            f"done: {sum(finished.values())} message(s) finished"
+            + (" (" + ", ".join(f"{k} {v}" for k, v in finished.items()) + ")" if finished else "")
+            + f"; {s.get('waiting', 0)} wait for a later retry or schedule"
+        )

@@ -282,7 +282,8 @@ def test_run_until_idle_delivers_and_status_shows_it(cli_env, smtp, db):
         ).stdout.strip()
         for i in range(3)
     ]
-    outbox(cli_env, "run", "--until-idle", "--threads", "2")
+    ran = outbox(cli_env, "run", "--until-idle", "--threads", "2")
+    assert "done: 3 message(s) finished (sent 3); 0 wait for a later retry or schedule" in ran.stderr
     assert sorted(r.message["Subject"] for r in smtp.recorder.wait_for(3)) == ["n0", "n1", "n2"]
     status = json.loads(outbox(cli_env, "status", "--json").stdout)
     assert status["counts"]["sent"] == 3 and status["counts"]["queued"] == 0
