@@ -24,24 +24,29 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    unmonitored_address: str | None = None
-    retry_base_seconds: float = Field(60, gt=0)
-    retry_max_seconds: float = Field(3600, gt=0)
-    max_attempts: int = Field(10, ge=1, le=10)
-    max_age_seconds: float = Field(432000, gt=0)
-    lease_seconds: float = Field(300, gt=0)
-    max_message_bytes: int = Field(26214400, ge=1024, le=104857600)
-    smtp_timeout_seconds: float = Field(60, gt=0)
-    # The wait for the reply to the final dot, counted once the content has left (servers scan
-    # large messages before they answer; RFC 5321 4.5.3.2.6 recommends 10 minutes).
-    smtp_dot_timeout_seconds: float = Field(600, gt=0)
-    # After a connection lost past the final dot: `retry` (at-least-once, same Message-ID) or
-    # `hold` (fail it for an operator to replay).
-    ambiguous_policy: Literal["retry", "hold"] = "retry"
-    additional_bcc: list[str] = []
-    override_to: list[str] = []
-    override_cc: list[str] = []
-    override_bcc: list[str] = []
+    unmonitored_address: str | None = Field(None, description="From of automated (system) mail")
+    retry_base_seconds: float = Field(60, gt=0, description="first retry delay; doubles per attempt")
+    retry_max_seconds: float = Field(3600, gt=0, description="longest retry delay")
+    max_attempts: int = Field(10, ge=1, le=10, description="automatic attempts (1-10)")
+    max_age_seconds: float = Field(432000, gt=0, description="give up on a message after this long")
+    lease_seconds: float = Field(
+        300, gt=0, description="how long a dispatch or send may go unrenewed before re-dispatch"
+    )
+    max_message_bytes: int = Field(
+        26214400, ge=1024, le=104857600, description="largest message accepted at enqueue"
+    )
+    smtp_timeout_seconds: float = Field(60, gt=0, description="per SMTP command (and upload stall)")
+    # Servers scan large messages before they answer; RFC 5321 4.5.3.2.6 recommends 10 minutes.
+    smtp_dot_timeout_seconds: float = Field(
+        600, gt=0, description="reply to the final dot, counted once the content has left"
+    )
+    ambiguous_policy: Literal["retry", "hold"] = Field(
+        "retry", description="after a connection lost past the final dot: retry or hold"
+    )
+    additional_bcc: list[str] = Field([], description="comma-separated; copied on all outgoing mail")
+    override_to: list[str] = Field([], description="test environments: all mail goes only to these")
+    override_cc: list[str] = Field([], description="test environments, like override-to")
+    override_bcc: list[str] = Field([], description="test environments, like override-to")
 
     @field_validator("unmonitored_address")
     @classmethod

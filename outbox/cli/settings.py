@@ -24,12 +24,23 @@ def settings() -> None:
     """Instance-wide settings (retry policy, lease, limits, Enate outgoing-mail settings)."""
 
 
-@settings.command("set")
+def _keys_help() -> str:
+    """The keys, what each means and its default, for `settings set --help`."""
+    lines = ["\b", "KEY is one of:"]
+    for name, field in runtime_settings.Settings.model_fields.items():
+        default = field.default if field.default not in (None, []) else "none"
+        lines.append(f"  {name.replace('_', '-'):<26} {field.description} (default {default})")
+    return "\n".join(lines)
+
+
+@settings.command(
+    "set",
+    help="Set KEY to VALUE (lists are comma-separated; an empty value clears).\n\n" + _keys_help(),
+)
 @click.argument("key", metavar="KEY", type=click.Choice(runtime_settings.KEYS))
 @click.argument("value")
 @with_conn
 def settings_set(conn: psycopg.Connection[Any], key: str, value: str) -> None:
-    """Set KEY to VALUE (lists are comma-separated; an empty value clears)."""
     with conn.transaction():
         if key == "unmonitored-address":
             connectors.check_unmonitored(conn, runtime_settings.parse_value(key, value))

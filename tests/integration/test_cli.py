@@ -363,3 +363,12 @@ def test_database_url_before_the_command_and_missing_database_hint(cli_env, data
     missing = database_url.replace("dbname=", "dbname=missing_")
     line = one_line_error(outbox(env, "status", "--database-url", missing, check=False), code=3)
     assert "does not exist" in line and "createdb" in line
+
+
+def test_settings_set_help_lists_every_key_with_its_default(cli_env):
+    from outbox.settings import KEYS
+
+    text = outbox(cli_env, "settings", "set", "--help").stdout
+    for key in KEYS:
+        assert f"\n    {key} " in text, key
+    assert "smtp-dot-timeout-seconds" in text and "(default 600" in text
