@@ -114,13 +114,13 @@ SELECT count(*) AS released, pg_notify('outbox_message', '') FROM released;
 -- backoff_until cleared (last_error and last_error_at stay, as history), updated_at bumped so
 -- every worker reloads the connector at once, and the messages waiting for it made due now.
 -- Waiting for it: `retry` rows routed through it, due later, whose last attempt stopped before
--- MAIL (connect, greeting, STARTTLS, AUTH): the worker gives exactly those the connector's
+-- MAIL (OAuth token, connect, greeting, STARTTLS, AUTH): the worker gives exactly those the connector's
 -- backoff as their next attempt (a retry after MAIL, RCPT or DATA keeps its own schedule).
 -- Changes nothing on a healthy connector with nothing waiting (reset is then NULL).
 WITH waiting AS MATERIALIZED (
     SELECT id FROM outbox.message
      WHERE connector_id = %(id)s AND status = 'retry' AND next_attempt_at > now()
-       AND phase IN ('connect', 'ehlo', 'starttls', 'auth')
+       AND phase IN ('token', 'connect', 'ehlo', 'starttls', 'auth')
      ORDER BY id
        FOR UPDATE),
 released AS (
