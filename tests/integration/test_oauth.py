@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 import outbox
 from outbox import connectors
@@ -16,6 +17,7 @@ from outbox.connectors import NewConnector
 from tests.conftest import wait_until
 from tests.helpers import outbox_cli
 from tests.oauth import TokenEndpoint, start_xoauth2_server
+from tests.smtp import start_server
 
 MAILBOX = "sales@contoso.com"
 CLIENT_ID = "11111111-aaaa-bbbb-cccc-222222222222"
@@ -242,3 +244,49 @@ def test_connector_test_shows_the_token_step_then_ehlo_and_xoauth2(db, xoauth2, 
     untrusted = outbox_cli(dict(env, SSL_CERT_FILE="/dev/null"), "connector", "test", "sales", check=False)
     assert untrusted.returncode == 1 and "FAIL token:" in untrusted.stdout
     assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout
+
+
+def refuse_basic_auth(server, session, envelope, mechanism, auth_data):
+    """Exchange Online with SMTP AUTH Basic turned off for the tenant."""
+    return AuthResult(
+        success=False,
+        handled=False,
+        message="550 5.7.30 Basic authentication is not supported for Client Submission.",
+    )
+
+
+def test_basic_auth_refusal_says_oauth_is_required_and_how_to_switch(
+    db, server_tls, ca_file, pipeline, cli_env, monkeypatch, slow_backoff
+):
+    server = start_server(mode="starttls", tls=server_tls, auth=refuse_basic_auth)
+    try:
+        monkeypatch.setenv("SALES_PW", "old-password")
+        connectors.add(
+            db,
+            NewConnector(
+                name="sales",
+                direction="outgoing",
+                address=MAILBOX,
+                host="localhost",
+                port=server.port,
+                username=MAILBOX,
+                password_env="SALES_PW",
+                ca_file=ca_file,
+            ),
+        )
+        [msg_id] = enqueue(db)
+        pipeline.until_status(msg_id, "retry")
+        status, attempts, phase, last_error = message(db, msg_id)
+        assert (status, attempts, phase) == ("retry", 0, "auth")  # waits for the operator's switch
+        hint = (
+            "the server requires OAuth 2.0 (XOAUTH2): switch with "
+            "`outbox connector update sales --auth oauth2"
+        )
+        assert (
+            last_error.startswith("550 5.7.30 Basic authentication is not supported") and hint in last_error
+        )
+        listed = outbox_cli(cli_env, "connector", "list")
+        assert "5.7.30" in listed.stdout and hint in listed.stdout
+        assert server.recorder.received == []
+    finally:
+        server.stop()
