@@ -7,9 +7,16 @@ endpoint that fails treated as the connector's problem (backoff, no attempt spen
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
+import redis
 from aiosmtpd.smtp import AuthResult
+from cryptography.fernet import Fernet
 
 import outbox
 from outbox import connectors
@@ -50,8 +57,8 @@ def slow_backoff(db):
     db.execute("UPDATE outbox.settings SET retry_base_seconds = 3600, retry_max_seconds = 7200")
 
 
-def add_oauth_connector(db, server, endpoint, ca_file, monkeypatch, **kw):
-    monkeypatch.setenv("SALES_CLIENT_SECRET", CLIENT_SECRET)
+def add_sales(db, server, ca_file, **kw):
+    """Connector `sales` (the mailbox MAILBOX) at the test SMTP `server`."""
     connectors.add(
         db,
         NewConnector(
@@ -62,13 +69,23 @@ def add_oauth_connector(db, server, endpoint, ca_file, monkeypatch, **kw):
             port=server.port,
             username=MAILBOX,
             ca_file=ca_file,
-            auth="oauth2",
-            oauth_client_id=CLIENT_ID,
-            oauth_client_secret_env="SALES_CLIENT_SECRET",
-            oauth_token_url=endpoint.url,
-            oauth_scopes=("https://mail.google.com/",),
             **kw,
         ),
+    )
+
+
+def add_oauth_connector(db, server, endpoint, ca_file, monkeypatch, **kw):
+    monkeypatch.setenv("SALES_CLIENT_SECRET", CLIENT_SECRET)
+    add_sales(
+        db,
+        server,
+        ca_file,
+        auth="oauth2",
+        oauth_client_id=CLIENT_ID,
+        oauth_client_secret_env="SALES_CLIENT_SECRET",
+        oauth_token_url=endpoint.url,
+        oauth_scopes=("https://mail.google.com/",),
+        **kw,
     )
 
 
@@ -261,19 +278,7 @@ def test_basic_auth_refusal_says_oauth_is_required_and_how_to_switch(
     server = start_server(mode="starttls", tls=server_tls, auth=refuse_basic_auth)
     try:
         monkeypatch.setenv("SALES_PW", "old-password")
-        connectors.add(
-            db,
-            NewConnector(
-                name="sales",
-                direction="outgoing",
-                address=MAILBOX,
-                host="localhost",
-                port=server.port,
-                username=MAILBOX,
-                password_env="SALES_PW",
-                ca_file=ca_file,
-            ),
-        )
+        add_sales(db, server, ca_file, password_env="SALES_PW")
         [msg_id] = enqueue(db)
         pipeline.until_status(msg_id, "retry")
         status, attempts, phase, last_error = message(db, msg_id)
@@ -290,3 +295,123 @@ def test_basic_auth_refusal_says_oauth_is_required_and_how_to_switch(
         assert server.recorder.received == []
     finally:
         server.stop()
+
+
+class RedisMonitor:
+    """Every command the Redis server receives while it runs (MONITOR on a raw socket)."""
+
+    def __init__(self, port: int = 6379) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b"MONITOR\r\n")
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while chunk := self.sock.recv(65536):
+            self.chunks.append(chunk)
+
+    def stop(self) -> str:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        self.sock.close()
+        return b"".join(self.chunks).decode(errors="replace")
+
+
+def test_client_secret_and_tokens_never_leak(db, xoauth2, endpoint, ca_file, cli_env, config):
+    env = dict(
+        cli_env,
+        OUTBOX_SECRET_KEY=Fernet.generate_key().decode(),
+        OUTBOX_LOG_LEVEL="debug",
+        OUTBOX_LOG_FORMAT="json",
+        SSL_CERT_FILE=ca_file,
+    )
+    outbox_cli(
+        env,
+        "connector",
+        "add",
+        "sales",
+        "--address",
+        MAILBOX,
+        "--host",
+        "localhost",
+        "--port",
+        str(xoauth2.port),
+        "--username",
+        MAILBOX,
+        "--ca-file",
+        ca_file,
+        "--auth",
+        "oauth2",
+        "--oauth-client-id",
+        CLIENT_ID,
+        "--oauth-client-secret-stdin",
+        "--oauth-token-url",
+        endpoint.url,
+        input=CLIENT_SECRET + "\n",
+    )
+    enqueue(db, 3)
+    monitor = RedisMonitor()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "outbox.cli", "run", "--until-idle"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().decode(errors="replace")
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert len(xoauth2.recorder.wait_for(3)) == 3
+    # the token endpoint turns the client away, echoing the secret it was sent
+    endpoint.answer = "invalid_client"
+    failing = enqueue(db, to="second@example.org")[0]
+    db.execute("UPDATE outbox.connector SET updated_at = now()")  # a new pool: no cached token
+    second = subprocess.run(
+        [sys.executable, "-m", "outbox.cli", "run", "--until-idle"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    broker = monitor.stop()
+    tested = outbox_cli(env, "connector", "test", "sales", check=False)
+    assert tested.returncode == 1 and "invalid_client" in tested.stdout
+    assert message(db, failing)[:3] == ("retry", 0, "token")
+    redis_keys = json.dumps(
+        [
+            [str(k), str(redis_client.dump(k))]
+            for redis_client in [redis.Redis.from_url(config.redis_url)]
+            for k in redis_client.scan_iter(match=f"{config.redis_namespace}*")
+        ]
+    )
+    texts = {
+        "first run": output,
+        "second run": second.stdout + second.stderr,
+        "cmdline": cmdline,
+        "ps": ps,
+        "broker": broker,
+        "redis keys": redis_keys,
+        "connector test": tested.stdout + tested.stderr,
+        "list": outbox_cli(env, "connector", "list", "--json").stdout
+        + outbox_cli(env, "connector", "list").stdout,
+        "show": outbox_cli(env, "show", str(failing), "--json").stdout,
+        "rows": json.dumps(
+            [r[0] for r in db.execute("SELECT row_to_json(m)::text FROM outbox.message m")]
+            + [r[0] for r in db.execute("SELECT row_to_json(a)::text FROM outbox.attempt a")]
+            + [r[0] for r in db.execute("SELECT row_to_json(c)::text FROM outbox.connector c")]
+            + [r[0] for r in db.execute("SELECT row_to_json(e)::text FROM outbox.connector_event e")]
+        ),
+    }
+    assert "HSET" in broker or "hset" in broker.lower()  # the monitor saw the dispatches
+    secrets_ = [
+        CLIENT_SECRET,
+        *(i.token for i in endpoint.issued),
+        *(b.decode() for b in xoauth2.recorder.blobs),
+    ]
+    assert len(secrets_) >= 3
+    for where, text in texts.items():
+        for secret in secrets_:
+            assert secret not in text, f"a secret leaked into {where}"
+    assert "invalid_client" in texts["second run"]  # the reason is logged, without the secret
