@@ -89,6 +89,17 @@ def add_oauth_connector(db, server, endpoint, ca_file, monkeypatch, **kw):
     )
 
 
+def cli_add(env, server, endpoint, ca_file, *args, input=None):
+    """`outbox connector add sales --auth oauth2 … ARGS` as an operator types it."""
+    outbox_cli(
+        env,
+        *("connector", "add", "sales", "--address", MAILBOX, "--username", MAILBOX, "--auth", "oauth2"),
+        *("--host", "localhost", "--port", str(server.port), "--ca-file", ca_file),
+        *("--oauth-client-id", CLIENT_ID, "--oauth-token-url", endpoint.url, *args),
+        input=input,
+    )
+
+
 def enqueue(db, n=1, to="rcpt@example.org"):
     with db.transaction():
         return [
@@ -225,31 +236,7 @@ def test_token_endpoint_failure_backs_off_without_spending_attempts(
 
 def test_connector_test_shows_the_token_step_then_ehlo_and_xoauth2(db, xoauth2, endpoint, ca_file, cli_env):
     env = dict(cli_env, SALES_CLIENT_SECRET=CLIENT_SECRET, SSL_CERT_FILE=ca_file)
-    outbox_cli(
-        env,
-        "connector",
-        "add",
-        "sales",
-        "--address",
-        MAILBOX,
-        "--host",
-        "localhost",
-        "--port",
-        str(xoauth2.port),
-        "--username",
-        MAILBOX,
-        "--ca-file",
-        ca_file,
-        "--auth",
-        "oauth2",
-        "--oauth-client-id",
-        CLIENT_ID,
-        "--oauth-client-secret-env",
-        "SALES_CLIENT_SECRET",
-        "--oauth-token-url",
-        endpoint.url,
-        "--test",
-    )
+    cli_add(env, xoauth2, endpoint, ca_file, "--oauth-client-secret-env", "SALES_CLIENT_SECRET", "--test")
     out = outbox_cli(env, "connector", "test", "sales", "--json")
     steps = json.loads(out.stdout)["steps"]
     assert [s["step"] for s in steps] == ["token", "connect", "ehlo", "starttls", "ehlo", "auth", "tls"]
@@ -326,30 +313,7 @@ def test_client_secret_and_tokens_never_leak(db, xoauth2, endpoint, ca_file, cli
         OUTBOX_LOG_FORMAT="json",
         SSL_CERT_FILE=ca_file,
     )
-    outbox_cli(
-        env,
-        "connector",
-        "add",
-        "sales",
-        "--address",
-        MAILBOX,
-        "--host",
-        "localhost",
-        "--port",
-        str(xoauth2.port),
-        "--username",
-        MAILBOX,
-        "--ca-file",
-        ca_file,
-        "--auth",
-        "oauth2",
-        "--oauth-client-id",
-        CLIENT_ID,
-        "--oauth-client-secret-stdin",
-        "--oauth-token-url",
-        endpoint.url,
-        input=CLIENT_SECRET + "\n",
-    )
+    cli_add(env, xoauth2, endpoint, ca_file, "--oauth-client-secret-stdin", input=CLIENT_SECRET + "\n")
     enqueue(db, 3)
     monitor = RedisMonitor()
     worker = subprocess.Popen(
