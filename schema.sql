@@ -271,6 +271,50 @@ EXCEPTION WHEN duplicate_object THEN NULL;
 END
 $$;
 
+-- How a connector logs in: `password` (AUTH PLAIN/LOGIN) or `oauth2` (AUTH XOAUTH2 with an
+-- access token the worker fetches with the client-credentials grant, from Microsoft Entra ID
+-- by tenant or from any token endpoint by URL). The client secret is kept like a password:
+-- the name of the worker's environment variable holding it, or Fernet-encrypted.
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS auth text NOT NULL DEFAULT 'password';
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS oauth_client_id text;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS oauth_client_secret_env text;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS oauth_client_secret_enc bytea;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS oauth_tenant text;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS oauth_token_url text;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS oauth_scopes text[] NOT NULL DEFAULT '{}';
+DO $$
+BEGIN
+    ALTER TABLE outbox.connector ADD CONSTRAINT connector_auth_valid
+        CHECK (auth IN ('password', 'oauth2'));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$$;
+DO $$
+BEGIN
+    -- an oauth2 connector has a mailbox, a client, one secret and one token endpoint, and
+    -- no password; a password connector has no OAuth settings
+    ALTER TABLE outbox.connector ADD CONSTRAINT connector_oauth_complete CHECK (
+        CASE auth
+            WHEN 'oauth2' THEN username IS NOT NULL AND oauth_client_id IS NOT NULL
+                AND (oauth_client_secret_env IS NULL) <> (oauth_client_secret_enc IS NULL)
+                AND (oauth_tenant IS NULL) <> (oauth_token_url IS NULL)
+                AND password_env IS NULL AND password_enc IS NULL
+            ELSE oauth_client_id IS NULL AND oauth_client_secret_env IS NULL
+                AND oauth_client_secret_enc IS NULL AND oauth_tenant IS NULL
+                AND oauth_token_url IS NULL AND oauth_scopes = '{}'
+        END);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$$;
+DO $$
+BEGIN
+    ALTER TABLE outbox.connector ADD CONSTRAINT connector_oauth_single_line CHECK (
+        outbox.single_line(oauth_client_id) AND outbox.single_line(oauth_tenant)
+        AND outbox.single_line(oauth_token_url) AND outbox.single_line(oauth_scopes));
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$$;
+
 -- The MIME message rendered once at enqueue (NULL for writers that bypass Python, or large
 -- messages): workers send these bytes as they are.
 ALTER TABLE outbox.message ADD COLUMN IF NOT EXISTS content bytea;

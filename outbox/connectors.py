@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -21,6 +23,20 @@ from outbox.sql import queries
 Q = queries("outbox")
 SECURITY_MODES = ("auto", "tls", "starttls", "none")
 DIRECTIONS = ("outgoing", "both", "incoming")
+AUTH_METHODS = ("password", "oauth2")
+# `--oauth-tenant T`: Microsoft Entra ID's token endpoint for that tenant, and the scope that
+# covers SMTP AUTH (client credentials ask for an app's permissions with `.default`).
+ENTRA_TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+ENTRA_SMTP_SCOPE = "https://outlook.office365.com/.default"
+OAUTH_FIELDS = (
+    "oauth_client_id",
+    "oauth_client_secret_env",
+    "oauth_tenant",
+    "oauth_token_url",
+    "oauth_scopes",
+)
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,1000}$")  # printable ASCII, no spaces (client ids, scopes)
 
 
 def default_actor() -> str:
@@ -39,6 +55,20 @@ def effective_security(connector: Connector) -> str:
     if connector.port == 587 or connector.has_credentials:
         return "starttls"
     return "opportunistic"
+
+
+def token_url(connector: Connector) -> str | None:
+    """The token endpoint of an `oauth2` connector (Entra ID's, from its tenant, or its URL)."""
+    if connector.oauth_tenant:
+        return ENTRA_TOKEN_URL.format(tenant=connector.oauth_tenant)
+    return connector.oauth_token_url
+
+
+def oauth_scopes(connector: Connector) -> tuple[str, ...]:
+    """The scopes asked for: the connector's own, or Exchange Online's for a tenant."""
+    if connector.oauth_scopes:
+        return connector.oauth_scopes
+    return (ENTRA_SMTP_SCOPE,) if connector.oauth_tenant else ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +90,14 @@ class NewConnector:
     timeout_seconds: float = 60.0
     # an already stored encrypted password kept by `update` (never decrypted here)
     password_enc: bytes | None = None
+    auth: str = "password"
+    oauth_client_id: str | None = None
+    oauth_client_secret_env: str | None = None
+    oauth_client_secret: str | None = None  # from stdin: stored encrypted
+    oauth_client_secret_enc: bytes | None = None  # kept by `update`
+    oauth_tenant: str | None = None
+    oauth_token_url: str | None = None
+    oauth_scopes: tuple[str, ...] = ()
 
 
 def _validate(new: NewConnector) -> dict[str, Any]:
@@ -78,11 +116,18 @@ def _validate(new: NewConnector) -> dict[str, Any]:
         raise ValidationError("the System Default Gateway must be an outgoing or both connector")
     if new.password_env and new.password is not None:
         raise ValidationError("give either --password-env or --password-stdin, not both")
+    if new.auth not in AUTH_METHODS:
+        raise ValidationError(f"auth must be one of {', '.join(AUTH_METHODS)}")
     has_secret = bool(new.password_env) or new.password is not None or new.password_enc is not None
-    if has_secret and not new.username:
-        raise ValidationError("a password needs --username")
-    if new.username and not has_secret:
-        raise ValidationError("--username needs --password-env VAR or --password-stdin")
+    if new.auth == "oauth2":
+        _validate_oauth(new, has_secret)
+    else:
+        if any(getattr(new, k) for k in (*OAUTH_FIELDS, "oauth_client_secret", "oauth_client_secret_enc")):
+            raise ValidationError("the --oauth-* options need --auth oauth2")
+        if has_secret and not new.username:
+            raise ValidationError("a password needs --username")
+        if new.username and not has_secret:
+            raise ValidationError("--username needs --password-env VAR or --password-stdin")
     if new.username and new.security == "none":
         raise ValidationError("refusing credentials with --security none: AUTH is only ever sent over TLS")
     if new.port == 465 and new.security in ("starttls", "none"):
@@ -103,11 +148,63 @@ def _validate(new: NewConnector) -> dict[str, Any]:
         "password_env": new.password_env,
         "password_enc": secrets.encrypt(new.password) if new.password is not None else new.password_enc,
         "ca_file": os.path.abspath(new.ca_file) if new.ca_file else None,
+        "auth": new.auth,
+        "oauth_client_id": new.oauth_client_id,
+        "oauth_client_secret_env": new.oauth_client_secret_env,
+        "oauth_client_secret_enc": (
+            secrets.encrypt(new.oauth_client_secret)
+            if new.oauth_client_secret is not None
+            else new.oauth_client_secret_enc
+        ),
+        "oauth_tenant": new.oauth_tenant,
+        "oauth_token_url": new.oauth_token_url,
+        "oauth_scopes": list(dict.fromkeys(new.oauth_scopes)),
         "enabled": new.enabled,
         "is_default_gateway": new.default_gateway,
         "max_connections": new.max_connections,
         "timeout_seconds": new.timeout_seconds,
     }
+
+
+def _validate_oauth(new: NewConnector, has_password: bool) -> None:
+    """An `oauth2` connector: a mailbox, a client with one secret, one token endpoint."""
+    if has_password:
+        raise ValidationError(
+            "--auth oauth2 takes no password: give the client secret with "
+            "--oauth-client-secret-env VAR or --oauth-client-secret-stdin"
+        )
+    if not new.username:
+        raise ValidationError("--auth oauth2 needs --username: the mailbox the token sends as")
+    if not new.oauth_client_id:
+        raise ValidationError("--auth oauth2 needs --oauth-client-id")
+    if not _TOKEN.match(new.oauth_client_id):
+        raise ValidationError("--oauth-client-id must be printable ASCII without spaces")
+    given = bool(new.oauth_client_secret_env) + (new.oauth_client_secret is not None)
+    if given > 1:
+        raise ValidationError(
+            "give either --oauth-client-secret-env or --oauth-client-secret-stdin, not both"
+        )
+    if not given and new.oauth_client_secret_enc is None:
+        raise ValidationError(
+            "--auth oauth2 needs --oauth-client-secret-env VAR or --oauth-client-secret-stdin"
+        )
+    if new.oauth_tenant and new.oauth_token_url:
+        raise ValidationError("give either --oauth-tenant or --oauth-token-url, not both")
+    if not new.oauth_tenant and not new.oauth_token_url:
+        raise ValidationError("--auth oauth2 needs --oauth-tenant (Microsoft 365) or --oauth-token-url URL")
+    if new.oauth_tenant and not _TENANT.match(new.oauth_tenant):
+        raise ValidationError("--oauth-tenant must be a tenant ID or domain (like contoso.onmicrosoft.com)")
+    if new.oauth_token_url:
+        url = urlsplit(new.oauth_token_url)
+        if url.scheme != "https" or not url.hostname or not new.oauth_token_url.isprintable():
+            raise ValidationError(
+                "--oauth-token-url must be an https:// URL: the client secret travels to it"
+            )
+    for scope in new.oauth_scopes:
+        if not _TOKEN.match(scope):
+            raise ValidationError(
+                f"--oauth-scope {scope!r} must be printable ASCII without spaces (repeat the option)"
+            )
 
 
 def preview(new: NewConnector) -> Connector:
@@ -215,6 +312,8 @@ UPDATABLE = (
     "ca_file",
     "max_connections",
     "timeout_seconds",
+    "auth",
+    *OAUTH_FIELDS,
 )
 
 
@@ -237,27 +336,29 @@ def update(
     changes: dict[str, Any],
     *,
     password: str | None = None,
+    client_secret: str | None = None,
     actor: str | None = None,
 ) -> Updated:
     """Change a connector's settings (validated like `add`); returns the fields changed.
     A new password (`password`, or `password_env`) replaces the stored one; otherwise the
-    stored one is kept. Workers open new SMTP sessions for it at once. Any update ends the
-    connector's backoff (the operator fixed something): mail waiting for it is due now."""
+    stored one is kept; the OAuth client secret (`client_secret`, or `oauth_client_secret_env`)
+    likewise. Switching `auth` drops the other method's settings and secret. Workers open new
+    SMTP sessions for it at once. Any update ends the connector's backoff (the operator fixed
+    something): mail waiting for it is due now."""
     unknown = set(changes) - set(UPDATABLE)
     if unknown:
         raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
     with conn.transaction():
         conn.execute(Q["lock_connectors"])
         current = get(conn, name)
-        fields = {k: getattr(current, k) for k in UPDATABLE} | changes
-        new_secret = password is not None or "password_env" in changes
+        fields = _merged(current, changes, password, client_secret)
         merged = NewConnector(
             name=name,
             default_gateway=current.is_default_gateway,
             enabled=current.enabled,
             password=password,
-            password_enc=None if new_secret else current.password_enc,
-            **{**fields, "password_env": fields["password_env"] if password is None else None},
+            oauth_client_secret=client_secret,
+            **fields,
         )
         values = _validate(merged)
         if merged.direction in OUTBOUND:
@@ -271,6 +372,8 @@ def update(
         changed = [k for k in before if before[k] != after[k] and k not in _DERIVED]
         if password is not None and "password" not in changed:
             changed.append("password")
+        if client_secret is not None:
+            changed.append("oauth_client_secret")
         _event(
             conn,
             current.id,
@@ -278,12 +381,47 @@ def update(
             "changed",
             actor,
             {
-                k: {"from": before.get(k), "to": after.get(k)} if k != "password" else "replaced"
+                k: {"from": before.get(k), "to": after.get(k)}
+                if k not in ("password", "oauth_client_secret")
+                else "replaced"
                 for k in changed
             },
         )
         backoff = _reset_backoff(conn, current, by="update", actor=actor)
     return Updated(changed, backoff)
+
+
+def _merged(
+    current: Connector, changes: dict[str, Any], password: str | None, client_secret: str | None
+) -> dict[str, Any]:
+    """The settings after `update`: the current ones with `changes` over them. A secret given
+    anew replaces the stored one (a value read from stdin replaces an env reference and the
+    reverse); one of tenant and token URL given replaces the other; a change of `auth` drops
+    what only the other method used."""
+    fields = {k: getattr(current, k) for k in UPDATABLE} | changes
+    fields["password_enc"] = current.password_enc
+    fields["oauth_client_secret_enc"] = current.oauth_client_secret_enc
+    if password is not None or "password_env" in changes:
+        fields["password_enc"] = None
+        fields["password_env"] = changes.get("password_env") if password is None else None
+    if client_secret is not None or "oauth_client_secret_env" in changes:
+        fields["oauth_client_secret_enc"] = None
+        fields["oauth_client_secret_env"] = (
+            changes.get("oauth_client_secret_env") if client_secret is None else None
+        )
+    if "oauth_tenant" in changes and "oauth_token_url" not in changes:
+        fields["oauth_token_url"] = None
+    if "oauth_token_url" in changes and "oauth_tenant" not in changes:
+        fields["oauth_tenant"] = None
+    if fields["auth"] != current.auth:
+        if fields["auth"] == "oauth2":  # the password goes, unless given (then refused)
+            fields["password_env"] = changes.get("password_env")
+            fields["password_enc"] = None
+        else:
+            for k in OAUTH_FIELDS:
+                fields[k] = changes.get(k, () if k == "oauth_scopes" else None)
+            fields["oauth_client_secret_enc"] = None
+    return fields
 
 
 def set_enabled(
@@ -394,20 +532,32 @@ def reset_backoff(
         return _reset_backoff(conn, get(conn, name), by=by, actor=actor)
 
 
-def rotate_passwords(conn: psycopg.Connection[Any], *, actor: str | None = None) -> int:
-    """Re-encrypt every stored password under the first key of $OUTBOX_SECRET_KEY (one
-    transaction: all or nothing). Returns how many were re-encrypted."""
+@dataclass(frozen=True)
+class Rotated:
+    passwords: int
+    client_secrets: int
+
+
+def rotate_passwords(conn: psycopg.Connection[Any], *, actor: str | None = None) -> Rotated:
+    """Re-encrypt every stored password and OAuth client secret under the first key of
+    $OUTBOX_SECRET_KEY (one transaction: all or nothing). Returns how many were re-encrypted."""
+    passwords = client_secrets = 0
     with conn.transaction():
         conn.execute(Q["lock_connectors"])
-        stored = [c for c in load_all(conn) if c.password_enc is not None]
-        for c in stored:
-            assert c.password_enc is not None
-            conn.execute(
-                Q["set_connector_password"],
-                {"id": c.id, "password_enc": secrets.rotate(c.password_enc, c.name)},
-            )
-            _event(conn, c.id, c.name, "password re-encrypted", actor)
-    return len(stored)
+        for c in load_all(conn):
+            if c.password_enc is not None:
+                conn.execute(
+                    Q["set_connector_password"],
+                    {"id": c.id, "password_enc": secrets.rotate(c.password_enc, c.name)},
+                )
+                _event(conn, c.id, c.name, "password re-encrypted", actor)
+                passwords += 1
+            if c.oauth_client_secret_enc is not None:
+                rotated = secrets.rotate(c.oauth_client_secret_enc, c.name, "OAuth client secret")
+                conn.execute(Q["set_connector_client_secret"], {"id": c.id, "secret_enc": rotated})
+                _event(conn, c.id, c.name, "client secret re-encrypted", actor)
+                client_secrets += 1
+    return Rotated(passwords, client_secrets)
 
 
 def _check_gateway_can_go(conn: psycopg.Connection[Any], gateway: Connector) -> None:
@@ -457,6 +607,8 @@ def describe(c: Connector) -> dict[str, Any]:
         "effective_security": effective_security(c) if c.outbound else None,
         "username": c.username,
         "password": secrets.describe(c),
+        "auth": auth_summary(c),
+        "oauth": oauth_settings(c),
         "ca_file": c.ca_file,
         "enabled": c.enabled,
         "default_gateway": c.is_default_gateway,
@@ -494,3 +646,26 @@ def current_error(c: Connector) -> str | None:
     since. A send that went through, or a reset, clears `failures` (`last_error` stays as
     history), so an old error is never shown as current."""
     return c.last_error if c.failures else None
+
+
+def oauth_settings(c: Connector) -> dict[str, Any] | None:
+    """An `oauth2` connector's client, token endpoint and scopes; how its secret is kept."""
+    if c.auth != "oauth2":
+        return None
+    return {
+        "client_id": c.oauth_client_id,
+        "tenant": c.oauth_tenant,
+        "token_url": token_url(c),
+        "scopes": list(oauth_scopes(c)),
+        "client_secret": secrets.describe_client_secret(c),
+    }
+
+
+def auth_summary(c: Connector) -> str:
+    """One line for listings: `password` or `oauth2 (client …, tenant …, scopes …)`."""
+    oauth = oauth_settings(c)
+    if oauth is None:
+        return "password" if c.username else "none"
+    where = f"tenant {c.oauth_tenant}" if c.oauth_tenant else f"token URL {c.oauth_token_url}"
+    scopes = " ".join(oauth["scopes"]) or "none"
+    return f"oauth2 (client {c.oauth_client_id}, {where}, scopes {scopes}, secret {oauth['client_secret']})"

@@ -60,10 +60,14 @@ LOCK TABLE outbox.connector IN SHARE ROW EXCLUSIVE MODE;
 -- Register a connector.
 INSERT INTO outbox.connector (
     name, direction, address, aliases, host, port, security, username, password_env,
-    password_enc, ca_file, enabled, is_default_gateway, max_connections, timeout_seconds)
+    password_enc, ca_file, enabled, is_default_gateway, max_connections, timeout_seconds,
+    auth, oauth_client_id, oauth_client_secret_env, oauth_client_secret_enc, oauth_tenant,
+    oauth_token_url, oauth_scopes)
 VALUES (%(name)s, %(direction)s, %(address)s, %(aliases)s, %(host)s, %(port)s, %(security)s,
         %(username)s, %(password_env)s, %(password_enc)s, %(ca_file)s, %(enabled)s,
-        %(is_default_gateway)s, %(max_connections)s, %(timeout_seconds)s)
+        %(is_default_gateway)s, %(max_connections)s, %(timeout_seconds)s, %(auth)s,
+        %(oauth_client_id)s, %(oauth_client_secret_env)s, %(oauth_client_secret_enc)s,
+        %(oauth_tenant)s, %(oauth_token_url)s, %(oauth_scopes)s)
 RETURNING id;
 
 -- update_connector --
@@ -73,12 +77,21 @@ UPDATE outbox.connector
        port = %(port)s, security = %(security)s, username = %(username)s,
        password_env = %(password_env)s, password_enc = %(password_enc)s, ca_file = %(ca_file)s,
        max_connections = %(max_connections)s, timeout_seconds = %(timeout_seconds)s,
+       auth = %(auth)s, oauth_client_id = %(oauth_client_id)s,
+       oauth_client_secret_env = %(oauth_client_secret_env)s,
+       oauth_client_secret_enc = %(oauth_client_secret_enc)s, oauth_tenant = %(oauth_tenant)s,
+       oauth_token_url = %(oauth_token_url)s, oauth_scopes = %(oauth_scopes)s,
        updated_at = now()
  WHERE id = %(id)s;
 
 -- set_connector_password --
 -- Store a re-encrypted password.
 UPDATE outbox.connector SET password_enc = %(password_enc)s, updated_at = now()
+ WHERE id = %(id)s;
+
+-- set_connector_client_secret --
+-- Store a re-encrypted OAuth client secret.
+UPDATE outbox.connector SET oauth_client_secret_enc = %(secret_enc)s, updated_at = now()
  WHERE id = %(id)s;
 
 -- set_connector_enabled --
@@ -101,13 +114,13 @@ SELECT count(*) AS released, pg_notify('outbox_message', '') FROM released;
 -- backoff_until cleared (last_error and last_error_at stay, as history), updated_at bumped so
 -- every worker reloads the connector at once, and the messages waiting for it made due now.
 -- Waiting for it: `retry` rows routed through it, due later, whose last attempt stopped before
--- MAIL (connect, greeting, STARTTLS, AUTH): the worker gives exactly those the connector's
+-- MAIL (OAuth token, connect, greeting, STARTTLS, AUTH): the worker gives exactly those the connector's
 -- backoff as their next attempt (a retry after MAIL, RCPT or DATA keeps its own schedule).
 -- Changes nothing on a healthy connector with nothing waiting (reset is then NULL).
 WITH waiting AS MATERIALIZED (
     SELECT id FROM outbox.message
      WHERE connector_id = %(id)s AND status = 'retry' AND next_attempt_at > now()
-       AND phase IN ('connect', 'ehlo', 'starttls', 'auth')
+       AND phase IN ('token', 'connect', 'ehlo', 'starttls', 'auth')
      ORDER BY id
        FOR UPDATE),
 released AS (

@@ -42,14 +42,24 @@ class Connector:
     backoff_until: datetime | None = None
     last_error: str | None = None
     last_error_at: datetime | None = None
+    # `password` or `oauth2` (AUTH XOAUTH2 with a client-credentials access token)
+    auth: str = "password"
+    oauth_client_id: str | None = None
+    oauth_client_secret_env: str | None = None
+    oauth_client_secret_enc: bytes | None = None
+    oauth_tenant: str | None = None
+    oauth_token_url: str | None = None
+    oauth_scopes: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Connector:
         fields = cls.__dataclass_fields__
         values = {k: row[k] for k in fields if k in row}
         values["aliases"] = tuple(row.get("aliases") or ())
-        if values.get("password_enc") is not None:
-            values["password_enc"] = bytes(values["password_enc"])
+        values["oauth_scopes"] = tuple(row.get("oauth_scopes") or ())
+        for secret in ("password_enc", "oauth_client_secret_enc"):
+            if values.get(secret) is not None:
+                values[secret] = bytes(values[secret])
         return cls(**values)
 
     @property
@@ -63,6 +73,13 @@ class Connector:
             self.password_env,
             self.password_enc,
             self.ca_file,
+            self.auth,
+            self.oauth_client_id,
+            self.oauth_client_secret_env,
+            self.oauth_client_secret_enc,
+            self.oauth_tenant,
+            self.oauth_token_url,
+            self.oauth_scopes,
             self.max_connections,
             self.timeout_seconds,
             self.updated_at,

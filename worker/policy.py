@@ -16,7 +16,10 @@ from enum import StrEnum
 from outbox.settings import Settings
 
 # SMTP phases, in order. After `dot` the server may have accepted the message.
-PHASES = ("connect", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot")
+# "token": an `oauth2` connector's access token is fetched before connecting.
+PHASES = ("token", "connect", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot")
+# Failures in these phases are the connector's (its token endpoint, server, TLS or login).
+CONNECTOR_PHASES = ("token", "connect", "ehlo", "starttls", "auth")
 
 
 class Verdict(StrEnum):
@@ -37,14 +40,11 @@ def classify(phase: str, code: int | None) -> Verdict:
         return Verdict.TRANSIENT
     if phase == "rcpt" and code == 552:  # RFC 5321 4.5.3.1.10: treat as 452
         return Verdict.TRANSIENT
-    if phase in ("connect", "ehlo", "starttls", "auth"):
+    if phase in CONNECTOR_PHASES:
         # Greeting refusals (554), TLS and AUTH failures are the connector's problem, not
         # this message's: never spend a message's life on them as permanent.
         return Verdict.TRANSIENT
     return Verdict.PERMANENT
-
-
-CONNECTOR_PHASES = ("connect", "ehlo", "starttls", "auth")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def backoff_seconds(attempts: int, settings: Settings, rng: random.Random | None
 
 
 def is_connector_problem(phase: str, verdicts: Mapping[str, Verdict], config_error: bool) -> bool:
-    """Failures before MAIL (connect, greeting, TLS, AUTH) or a broken configuration are the
+    """Failures before MAIL (token, connect, greeting, TLS, AUTH) or a broken configuration are the
     connector's, not the message's: they must not spend every queued message's attempts."""
     if config_error:
         return True

@@ -1,5 +1,6 @@
 """`outbox connector test`: Enate's Test Connection. Connects, secures, says EHLO and
-authenticates exactly as a send would, then quits; sends no mail."""
+authenticates exactly as a send would (an `oauth2` connector fetches its access token first),
+then quits; sends no mail."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from outbox.resolve import Connector
 from worker.transport import ConnectorPool
 
 DONE = {
+    "token": "access token received",
     "connect": "connected, greeting received",
     "ehlo": "EHLO accepted",
     "starttls": "TLS established",
@@ -29,7 +31,7 @@ async def _probe(connector: Connector, *, timeout: float, local_hostname: str) -
 
     def on_phase(phase: str) -> None:
         if current:
-            steps.append({"step": current[-1], "ok": True, "detail": DONE[current[-1]]})
+            steps.append({"step": current[-1], "ok": True, "detail": _done(connector, pool, current[-1])})
         current.append(phase)
 
     mode = effective_security(connector)
@@ -59,3 +61,11 @@ async def _probe(connector: Connector, *, timeout: float, local_hostname: str) -
         client.close()
     ok = all(s["ok"] for s in steps)
     return {"connector": connector.name, "ok": ok, "security": mode, "steps": steps}
+
+
+def _done(connector: Connector, pool: ConnectorPool, step: str) -> str:
+    if connector.auth == "oauth2" and step == "token":
+        return f"access token received from {pool.tokens.endpoint} (client {connector.oauth_client_id})"
+    if connector.auth == "oauth2" and step == "auth":
+        return f"authenticated with AUTH XOAUTH2 as {connector.username}"
+    return DONE[step]

@@ -3,7 +3,9 @@ transaction (MAIL, RCPT each, DATA, final dot) per message; when the server offe
 PIPELINING, the envelope and DATA go out in one write (two round trips per message, not 3+n).
 
 The envelope is always explicit; nothing is derived from headers. Credentials are only ever
-sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails loudly.
+sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails loudly. An
+`oauth2` connector logs in with AUTH XOAUTH2 and an access token from its pool's
+`worker.oauth.TokenSource` (fetched in the phase "token", before connecting).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from typing import Any
 import aiosmtplib
 from aiosmtplib import SMTP, SMTPResponse
 from aiosmtplib.email import quote_address
-from aiosmtplib.errors import SMTPResponseException
+from aiosmtplib.errors import SMTPAuthenticationError, SMTPResponseException
 from aiosmtplib.protocol import SMTPProtocol
 
 from outbox.connectors import effective_security
 from outbox.errors import ConfigurationError
 from outbox.resolve import Connector
 from outbox.secrets import password_for
+from worker.oauth import TokenSource, basic_auth_refused, oauth_hint
 from worker.policy import Verdict, classify, is_connector_problem
 
 # While a large message's upload drains, how often to look at its progress.
@@ -171,6 +174,14 @@ class ConnectorPool:
         self._rest_until: datetime | None = None
         self._rest_error = ""
         self.rested_at = 0.0  # time.monotonic() when rest() was last called
+        self._tokens: TokenSource | None = None
+
+    @property
+    def tokens(self) -> TokenSource:
+        """The access tokens of an `oauth2` connector, kept with its pool (in memory only)."""
+        if self._tokens is None:
+            self._tokens = TokenSource(self.connector, timeout=self.timeout)
+        return self._tokens
 
     def rest(self, until: datetime, error: str) -> None:
         """Send nothing through this connector before `until`."""
@@ -202,7 +213,11 @@ class ConnectorPool:
         """Connect, greet, secure and authenticate: a session ready for MAIL."""
         c = self.connector
         mode = effective_security(c)
-        password = password_for(c) if c.has_credentials else None
+        if c.auth == "oauth2":
+            on_phase("token")
+            secret = await self.tokens.get()
+        else:
+            secret = password_for(c) if c.has_credentials else None
         client = SMTP(
             hostname=c.host,
             port=c.port,
@@ -215,16 +230,17 @@ class ConnectorPool:
         on_phase("connect")
         await client.connect()
         try:
-            await self._secure(client, mode, password, on_phase)
+            await self._secure(client, mode, secret, on_phase)
         except BaseException:
             client.close()  # a session that failed to come up is never pooled or leaked
             raise
         return client
 
     async def _secure(
-        self, client: SMTP, mode: str, password: str | None, on_phase: Callable[[str], None]
+        self, client: SMTP, mode: str, secret: str | None, on_phase: Callable[[str], None]
     ) -> None:
-        """EHLO, STARTTLS where required or offered, AUTH only over TLS."""
+        """EHLO, STARTTLS where required or offered, AUTH only over TLS. `secret` is the
+        password, or the access token of an `oauth2` connector."""
         c = self.connector
         on_phase("ehlo")
         await client.ehlo()
@@ -243,8 +259,28 @@ class ConnectorPool:
                     f"refusing to send credentials of connector {c.name} over an unencrypted session"
                 )
             on_phase("auth")
-            assert c.username is not None and password is not None
-            await client.login(c.username, password)
+            assert c.username is not None and secret is not None
+            if c.auth == "oauth2":
+                await self._xoauth2(client, c.username, secret)
+                return
+            try:
+                await client.login(c.username, secret)
+            except SMTPAuthenticationError as exc:
+                if basic_auth_refused(exc.message):  # say how to move to OAuth
+                    raise SMTPAuthenticationError(exc.code, f"{exc.message} ({oauth_hint(c)})") from exc
+                raise
+
+    async def _xoauth2(self, client: SMTP, username: str, token: str) -> None:
+        """AUTH XOAUTH2; a refused token (revoked, or expired early) is replaced once."""
+        if "xoauth2" not in client.server_auth_methods:
+            offered = " ".join(client.server_auth_methods).upper() or "none"
+            raise SMTPAuthenticationError(
+                -1, f"{self.connector.host} does not offer AUTH XOAUTH2 (offers: {offered})"
+            )
+        try:
+            await client.auth_xoauth2(username, token)
+        except SMTPAuthenticationError:
+            await client.auth_xoauth2(username, await self.tokens.get(refused=token))
 
     async def send(
         self,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -23,6 +24,64 @@ from outbox.config import Config
 from outbox.errors import ConfigurationError, ValidationError
 
 # -- connectors ----------------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def oauth_options(*, adding: bool) -> Callable[[F], F]:
+    """`--auth` and the `--oauth-*` options of `connector add` and `update` (DESIGN's names)."""
+    options = [
+        click.option(
+            "--auth",
+            type=click.Choice(connectors.AUTH_METHODS),
+            default="password" if adding else None,
+            show_default=adding,
+            help="password: AUTH with --username and a password. oauth2: AUTH XOAUTH2 as the mailbox "
+            "--username, with an access token of the client-credentials grant.",
+        ),
+        click.option("--oauth-client-id", metavar="ID", help="OAuth client (application) ID."),
+        click.option(
+            "--oauth-client-secret-env",
+            metavar="VAR",
+            help="Name of the worker's environment variable holding the client secret.",
+        ),
+        click.option(
+            "--oauth-client-secret-stdin",
+            is_flag=True,
+            help="Read the client secret from stdin; stored encrypted with $OUTBOX_SECRET_KEY.",
+        ),
+        click.option(
+            "--oauth-tenant",
+            metavar="T",
+            help="Microsoft Entra ID tenant (ID or domain): its token endpoint, scope "
+            f"{connectors.ENTRA_SMTP_SCOPE} unless --oauth-scope is given.",
+        ),
+        click.option("--oauth-token-url", metavar="URL", help="Any OAuth 2.0 token endpoint (https)."),
+        click.option(
+            "--oauth-scope",
+            "oauth_scopes",
+            metavar="S",
+            multiple=True,
+            help="Scope to ask for; repeat." + ("" if adding else " Replaces the stored scopes."),
+        ),
+    ]
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _read_secrets(password_stdin: bool, client_secret_stdin: bool) -> tuple[str | None, str | None]:
+    if password_stdin and client_secret_stdin:
+        raise ValidationError(
+            "give either --password-stdin or --oauth-client-secret-stdin: stdin holds one secret"
+        )
+    password = _read_password() if password_stdin else None
+    client_secret = _read_password("--oauth-client-secret-stdin") if client_secret_stdin else None
+    return password, client_secret
 
 
 @cli.group()
@@ -55,7 +114,8 @@ def connector() -> None:
     is_flag=True,
     help="Read the password from stdin; stored encrypted with $OUTBOX_SECRET_KEY.",
 )
-@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA bundle to verify the server.")
+@oauth_options(adding=True)
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA bundle to verify the SMTP server.")
 @click.option("--default-gateway", is_flag=True, help="Make it the System Default Gateway.")
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
 @click.option("--max-connections", type=click.IntRange(1, 100), default=4, show_default=True)
@@ -80,6 +140,7 @@ def connector_add(
     name: str,
     aliases: tuple[str, ...],
     password_stdin: bool,
+    oauth_client_secret_stdin: bool,
     disabled: bool,
     default_gateway: bool,
     actor: str | None,
@@ -87,11 +148,12 @@ def connector_add(
     **options: Any,
 ) -> None:
     """Register a connector."""
-    password = _read_password() if password_stdin else None
+    password, client_secret = _read_secrets(password_stdin, oauth_client_secret_stdin)
     new = connectors.NewConnector(
         name=name,
         aliases=aliases,
         password=password,
+        oauth_client_secret=client_secret,
         enabled=not disabled,
         default_gateway=default_gateway,
         **options,
@@ -130,6 +192,7 @@ def _probe(conn: psycopg.Connection[Any], c: Any) -> dict[str, Any]:
 @click.option("--username")
 @click.option("--password-env", metavar="VAR", help="Read the password from this variable from now on.")
 @click.option("--password-stdin", is_flag=True, help="Read a new password from stdin (stored encrypted).")
+@oauth_options(adding=False)
 @click.option("--ca-file", type=click.Path(dir_okay=False))
 @click.option("--max-connections", type=click.IntRange(1, 100))
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0.1))
@@ -141,17 +204,25 @@ def connector_update(
     aliases: tuple[str, ...],
     no_aliases: bool,
     password_stdin: bool,
+    oauth_client_secret_stdin: bool,
+    oauth_scopes: tuple[str, ...],
     actor: str | None,
     **options: Any,
 ) -> None:
-    """Change a connector's settings; recorded in its activity history."""
+    """Change a connector's settings; recorded in its activity history.
+
+    To move a password connector to OAuth 2.0 (Microsoft 365):
+    outbox connector update NAME --auth oauth2 --oauth-client-id ID --oauth-tenant T
+    --oauth-client-secret-stdin < secret.txt"""
     changes = {k: v for k, v in options.items() if v is not None}
     if aliases or no_aliases:
         changes["aliases"] = () if no_aliases else aliases
-    password = _read_password() if password_stdin else None
-    if not changes and password is None:
+    if oauth_scopes:
+        changes["oauth_scopes"] = oauth_scopes
+    password, client_secret = _read_secrets(password_stdin, oauth_client_secret_stdin)
+    if not changes and password is None and client_secret is None:
         raise ValidationError("nothing to change: give at least one option")
-    done = connectors.update(conn, name, changes, password=password, actor=actor)
+    done = connectors.update(conn, name, changes, password=password, client_secret=client_secret, actor=actor)
     click.echo(f"connector {name} updated: {', '.join(done.changed) or 'no change'}" + _ended(done.backoff))
 
 
@@ -159,10 +230,12 @@ def _ended(backoff: connectors.BackoffReset | None) -> str:
     return f"; {backoff.summary()}" if backoff is not None and backoff.reset else ""
 
 
-def _read_password() -> str:
+def _read_password(option: str = "--password-stdin") -> str:
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
-        raise ValidationError("--password-stdin read an empty password")
+        raise ValidationError(
+            f"{option} read an empty {'password' if option == '--password-stdin' else 'secret'}"
+        )
     return password
 
 
@@ -170,7 +243,7 @@ def _read_password() -> str:
 @json_option
 @with_conn
 def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
-    """List connectors (passwords are never shown, only how they are kept).
+    """List connectors (passwords and client secrets are never shown, only how they are kept).
 
     STATE is ok, disabled, failing, or "backing off until T" after failures to reach or log
     in to the server; ERROR is the last error while it is current (nothing got through and no
@@ -190,6 +263,7 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
                     "port",
                     "effective_security",
                     "username",
+                    "auth",
                     "password",
                     "enabled",
                     "default_gateway",
@@ -229,12 +303,15 @@ def connector_disable(conn: psycopg.Connection[Any], name: str, actor: str | Non
 @click.option("--actor", help="Who is making the change (default: the OS user).")
 @with_conn
 def connector_rotate_key(conn: psycopg.Connection[Any], actor: str | None) -> None:
-    """Re-encrypt stored passwords under the first key of $OUTBOX_SECRET_KEY.
+    """Re-encrypt stored passwords and OAuth client secrets under the first key of $OUTBOX_SECRET_KEY.
 
     To rotate: put the new key first and keep the old one after it
     (OUTBOX_SECRET_KEY=new,old), run this, then drop the old key."""
-    n = connectors.rotate_passwords(conn, actor=actor)
-    click.echo(f"{n} password(s) re-encrypted with the first key of $OUTBOX_SECRET_KEY")
+    done = connectors.rotate_passwords(conn, actor=actor)
+    click.echo(
+        f"{done.passwords} password(s) re-encrypted, {done.client_secrets} OAuth client secret(s) "
+        "re-encrypted with the first key of $OUTBOX_SECRET_KEY"
+    )
 
 
 @connector.command("test")

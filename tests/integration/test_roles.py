@@ -64,6 +64,8 @@ def test_app_role_enqueues_and_reads_status_only(db, login, parked_gateway):
         for forbidden in (
             "SELECT text_body FROM outbox.message",
             "SELECT password_enc FROM outbox.connector",
+            "SELECT oauth_client_secret_enc FROM outbox.connector",
+            "SELECT oauth_client_secret_env FROM outbox.connector",
             "UPDATE outbox.message SET status = 'sent'",
             "DELETE FROM outbox.message",
             "SELECT * FROM outbox.attempt",
