@@ -34,6 +34,7 @@ class ScriptedServer:
         } | replies
         self.port = free_port()
         self.accepted = 0
+        self.commands: list[bytes] = []  # every command line read, in order
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -59,6 +60,7 @@ class ScriptedServer:
             if not await reply(self.replies["greeting"]):
                 return
             while line := await reader.readline():
+                self.commands.append(line)
                 verb = line[:4].upper()
                 if reader._buffer:  # the next command came before this one's reply
                     if not self.pipelining:

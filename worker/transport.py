@@ -20,7 +20,6 @@ from typing import Any
 
 import aiosmtplib
 from aiosmtplib import SMTP, SMTPResponse
-from aiosmtplib.email import quote_address
 from aiosmtplib.errors import SMTPResponseException
 from aiosmtplib.protocol import SMTPProtocol
 
@@ -84,10 +83,35 @@ def _dot_stuff(content: bytes) -> bytes:
     return _DOT.sub(b"..", content) + b".\r\n"
 
 
+# What never goes into a path on an SMTP command line, whatever validated the address before:
+# control characters (NUL, CR, LF, C1), any kind of space or line separator, the brackets
+# that end a path, lone surrogates.
+_UNSAFE_IN_PATH = re.compile("[\x00-\x20\x7f-\x9f<>\u2028\u2029\ud800-\udfff\\s]")
+_UNSAFE_ON_LINE = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class UnsafeCommand(ValueError):
+    """An address that would change the SMTP command it goes into: the message fails for good,
+    and nothing of it is written."""
+
+
+def _check_path(verb: bytes, address: str) -> None:
+    if not address or _UNSAFE_IN_PATH.search(address):
+        raise UnsafeCommand(
+            f"refusing to write {verb.decode()} with the address {address!r}: control characters, "
+            "spaces and angle brackets never go on an SMTP command line"
+        )
+
+
 def _command(verb: bytes, prefix: bytes, address: str, options: list[bytes], encoding: str) -> bytes:
-    """`MAIL FROM:<a> OPTIONS` or `RCPT TO:<a>`, quoted and checked as aiosmtplib does (an
-    address that could inject a command raises ValueError)."""
-    return b" ".join([verb, prefix + quote_address(address).encode(encoding), *options])
+    """`MAIL FROM:<a> OPTIONS` or `RCPT TO:<a>`: every command line of a transaction is made
+    here, and one that a control character (or a space, or a bracket) in the address would
+    change raises UnsafeCommand before anything is written."""
+    _check_path(verb, address)
+    line = b" ".join([verb, prefix + b"<" + address.encode(encoding) + b">", *options])
+    if _UNSAFE_ON_LINE.search(line):  # pragma: no cover  (the address check covers it)
+        raise UnsafeCommand(f"refusing to write an SMTP command with a control character: {line!r}")
+    return line
 
 
 # aiosmtplib's protocol parses one reply per chunk received and keeps the rest in its buffer;
@@ -326,14 +350,19 @@ class ConnectorPool:
     ) -> None:
         envelope_from, utf8 = _encode_address(sender)
         rcpts = [_encode_address(r) for r in recipients]
+        try:  # checked again as each command is made
+            _check_path(b"MAIL", envelope_from)
+            for addr, _ in rcpts:
+                _check_path(b"RCPT", addr)
+        except UnsafeCommand as exc:  # nothing of this message is written
+            self._refuse(outcome, "mail", readable(str(exc)), recipients)
+            return
         # UTF-8 headers (a non-ASCII local part anywhere) need SMTPUTF8 too; bodies are 7-bit.
         if utf8 or any(u for _, u in rcpts) or not content.isascii():
             if not client.supports_extension("smtputf8"):
-                outcome.phase = "mail"
-                outcome.error = "non-ASCII address but the server does not offer SMTPUTF8"
-                for r in recipients:
-                    outcome.verdicts[r] = Verdict.PERMANENT
-                    outcome.replies[r] = (None, outcome.error)
+                self._refuse(
+                    outcome, "mail", "non-ASCII address but the server does not offer SMTPUTF8", recipients
+                )
                 return
             options, encoding = [b"SMTPUTF8"], "utf-8"
         else:
@@ -461,6 +490,14 @@ class ConnectorPool:
         outcome.verdicts[recipient] = classify("rcpt", resp.code)
         outcome.replies[recipient] = (resp.code, readable(resp.message))
         return False
+
+    @staticmethod
+    def _refuse(outcome: Outcome, phase: str, error: str, recipients: Sequence[str]) -> None:
+        """The message cannot go out through this session, now or later: it fails for good."""
+        outcome.phase, outcome.error = phase, error
+        for r in recipients:
+            outcome.verdicts[r] = Verdict.PERMANENT
+            outcome.replies[r] = (None, error)
 
     @staticmethod
     def _lease_lost(outcome: Outcome, recipients: Sequence[str]) -> None:
