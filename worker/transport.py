@@ -1,6 +1,8 @@
 """SMTP transport: aiosmtplib connections pooled per connector, one phase-tracked
 transaction (MAIL, RCPT each, DATA, final dot) per message; when the server offers
 PIPELINING, the envelope and DATA go out in one write (two round trips per message, not 3+n).
+aiosmtplib sets each session up (connect, EHLO, STARTTLS, AUTH: its public API); the
+transactions on it are written here and their replies read by `worker.replies.Replies`.
 
 The envelope is always explicit; nothing is derived from headers. Credentials are only ever
 sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails loudly.
@@ -21,13 +23,13 @@ from typing import Any
 import aiosmtplib
 from aiosmtplib import SMTP, SMTPResponse
 from aiosmtplib.errors import SMTPResponseException
-from aiosmtplib.protocol import SMTPProtocol
 
 from outbox.connectors import effective_security
 from outbox.errors import ConfigurationError
 from outbox.resolve import Connector
 from outbox.secrets import password_for
 from worker.policy import Verdict, classify, is_connector_problem
+from worker.replies import Replies
 
 # While a large message's upload drains, how often to look at its progress.
 UPLOAD_POLL_SECONDS = 0.05
@@ -112,22 +114,6 @@ def _command(verb: bytes, prefix: bytes, address: str, options: list[bytes], enc
     if _UNSAFE_ON_LINE.search(line):  # pragma: no cover  (the address check covers it)
         raise UnsafeCommand(f"refusing to write an SMTP command with a control character: {line!r}")
     return line
-
-
-# aiosmtplib's protocol parses one reply per chunk received and keeps the rest in its buffer;
-# a pipelined group's later replies are taken from there (a private method, checked here and
-# by the tests: without it the transport falls back to one command at a time).
-PIPELINED_READS = hasattr(SMTPProtocol, "_read_response_from_buffer")
-
-
-async def _next_reply(protocol: SMTPProtocol) -> SMTPResponse:
-    """The next reply of a pipelined group. No await between two calls: aiosmtplib drops data
-    that arrives while no reply is being awaited, and `read_response` marks one awaited
-    before it yields."""
-    buffered = protocol._read_response_from_buffer()
-    if buffered is not None:
-        return buffered
-    return await protocol.read_response(timeout=None)
 
 
 class ReplyTimer:
@@ -371,62 +357,62 @@ class ConnectorPool:
             _command(b"MAIL", b"FROM:", envelope_from, options, encoding),
             *(_command(b"RCPT", b"TO:", addr, [], encoding) for addr, _ in rcpts),
         ]
-        protocol = client.protocol
-        assert protocol is not None
-        if PIPELINED_READS and client.supports_extension("pipelining"):
+        # The transaction is written and its replies read by `Replies` (public asyncio APIs,
+        # every reply in whatever the server's bytes arrive in), not by aiosmtplib.
+        phase("mail")
+        replies = Replies.of(client)
+        if client.supports_extension("pipelining"):
             # RFC 2920: the envelope and DATA in one write, their replies read in order. The
             # lease check that guards DATA therefore comes before anything is written.
-            phase("mail")
             if before_data is not None and not await before_data():
                 self._lease_lost(outcome, recipients)
                 return
-            protocol.write(b"\r\n".join([*commands, b"DATA", b""]))
+            replies.write(b"\r\n".join([*commands, b"DATA", b""]))
             timer.arm()
-            self._mail_reply(sender, await _next_reply(protocol))
+            self._mail_reply(sender, await replies.reply())
             phase("rcpt")
             accepted = []
-            for original, _ in zip(recipients, rcpts, strict=True):
+            for original in recipients:
                 timer.arm()
-                if self._rcpt_reply(outcome, original, await _next_reply(protocol)):
+                if self._rcpt_reply(outcome, original, await replies.reply()):
                     accepted.append(original)
             phase("data")
             timer.arm()
-            resp = await _next_reply(protocol)
-            timer.disarm()
+            resp = await replies.reply()
             if not accepted:
                 outcome.phase = "rcpt"
                 outcome.code, outcome.reply = outcome.replies[recipients[-1]]
                 if resp.code == 354:  # a server that takes DATA without recipients: hang up
                     client.close()
                 else:
-                    await client.rset()
+                    await replies.command(b"RSET")
                 return
         else:
-            phase("mail")
             timer.arm()
-            self._mail_reply(sender, await client.execute_command(commands[0], timeout=None))
+            self._mail_reply(sender, await replies.command(commands[0]))
             phase("rcpt")
             accepted = []
             for original, command in zip(recipients, commands[1:], strict=True):
                 timer.arm()
-                resp = await client.execute_command(command, timeout=None)
-                if self._rcpt_reply(outcome, original, resp):
+                if self._rcpt_reply(outcome, original, await replies.command(command)):
                     accepted.append(original)
-            timer.disarm()  # RSET and the lease check below have their own timeouts
             if not accepted:
                 outcome.code, outcome.reply = outcome.replies[recipients[-1]]
-                await client.rset()
+                timer.arm()
+                await replies.command(b"RSET")
                 return
+            timer.disarm()  # the lease check has its own timeouts
             if before_data is not None and not await before_data():
                 self._lease_lost(outcome, accepted)
-                await client.rset()
+                timer.arm()
+                await replies.command(b"RSET")
                 return
             phase("data")
             timer.arm()
-            resp = await client.execute_command(b"DATA", timeout=None)
+            resp = await replies.command(b"DATA")
         if resp.code != 354:
             raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-        resp = await self._upload(client, protocol, _dot_stuff(content), phase, timer)
+        resp = await self._upload(replies, _dot_stuff(content), phase, timer)
         outcome.code, outcome.reply = resp.code, readable(resp.message)
         verdict = classify("dot", resp.code)
         for r in accepted:
@@ -436,26 +422,19 @@ class ConnectorPool:
             client.close()
 
     async def _upload(
-        self,
-        client: SMTP,
-        protocol: SMTPProtocol,
-        data: bytes,
-        phase: Callable[[str], None],
-        timer: ReplyTimer,
+        self, replies: Replies, data: bytes, phase: Callable[[str], None], timer: ReplyTimer
     ) -> SMTPResponse:
         """Write the content and the final dot; return the server's verdict on it. The phase
         becomes "dot" (the server may have the message) and the final-dot timeout starts only
         once every byte has left this process: an upload that stalls for a command timeout is
         a failure in "data", which the server cannot have accepted."""
-        transport = client.transport
-        protocol.write(data)
-        if transport is None or not transport.get_write_buffer_size():  # the usual case
+        transport = replies.transport
+        replies.write(data)
+        if not transport.get_write_buffer_size():  # the usual case
             phase("dot")
             timer.arm(self.dot_timeout)
-            return await protocol.read_response(timeout=None)
-        # Await the reply from now on (aiosmtplib drops data that arrives while no reply is
-        # awaited; this task's first step runs before any data can be received).
-        reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+            return await replies.reply()
+        reply = asyncio.ensure_future(replies.reply())
         try:
             left = transport.get_write_buffer_size()
             timer.arm()
@@ -511,10 +490,9 @@ class ConnectorPool:
     async def aclose(self) -> None:
         while self._idle:
             client = self._idle.pop()
-            try:
-                await asyncio.wait_for(client.quit(), timeout=2)
-            except Exception:
-                client.close()
+            with contextlib.suppress(Exception):  # its replies are read by `Replies` by now
+                await asyncio.wait_for(Replies.of(client).command(b"QUIT"), timeout=2)
+            client.close()
 
 
 class Transport:

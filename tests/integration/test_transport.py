@@ -8,15 +8,15 @@ from collections.abc import Iterator
 import pytest
 
 from outbox.resolve import Connector
-from tests.faultsmtp import ScriptedServer
+from tests.faultsmtp import ScriptedServer, SegmentedServer
 from worker.policy import Verdict
 from worker.transport import ConnectorPool
 
 CONTENT = b"Subject: hi\r\n\r\nbody\r\n"
 
 
-def connector_for(port: int) -> Connector:
-    return Connector(
+def connector_for(port: int, **kw) -> Connector:
+    fields: dict = dict(
         id=1,
         name="gw",
         direction="outgoing",
@@ -32,13 +32,14 @@ def connector_for(port: int) -> Connector:
         enabled=True,
         is_default_gateway=True,
     )
+    return Connector(**(fields | kw))
 
 
-def send_all(port: int, *messages: tuple[str, list[str]]):
+def send_all(port: int, *messages: tuple[str, list[str]], **connector):
     """Send each (sender, recipients) through one pool, in turn; their outcomes."""
 
     async def run():
-        pool = ConnectorPool(connector_for(port), local_hostname="outbox.test", timeout=10)
+        pool = ConnectorPool(connector_for(port, **connector), local_hostname="outbox.test", timeout=10)
         try:
             return [await pool.send(sender, rcpts, CONTENT) for sender, rcpts in messages]
         finally:
@@ -99,3 +100,34 @@ def test_a_control_character_that_reached_the_transport_fails_the_message(db, sm
     [error] = db.execute("SELECT last_error FROM outbox.message WHERE id = %s", [msg_id]).fetchone()
     assert "refusing to write RCPT with the address 'b\\x01@example.org'" in error, error
     assert smtp.recorder.received == []
+
+
+# How a server's replies may be cut into TCP segments (or TLS records).
+SPLITS = {
+    "one-segment": lambda data: [data],
+    "mid-line": lambda data: [p for line in data.splitlines(True) for p in (line[:7], line[7:])],
+    "mid-code": lambda data: [p for line in data.splitlines(True) for p in (line[:1], line[1:2], line[2:])],
+}
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_pipelined_replies_are_read_however_they_are_segmented(split, tls, server_tls, ca_file):
+    """All replies of a pipelined group in one segment, or each cut mid-line or mid-code: every
+    reply is read, in order, and each message is sent once (tests/unit/test_replies.py cuts
+    them at every byte)."""
+    server = SegmentedServer(SPLITS[split], tls=server_tls if tls else None)
+    try:
+        rcpts = ["x@example.org", "y@example.org", "z@example.org"]
+        security = {"security": "tls", "ca_file": ca_file, "host": "localhost"} if tls else {}
+        first, second = send_all(
+            server.port, ("a@example.com", rcpts), ("a@example.com", rcpts[:1]), **security
+        )
+        for outcome in (first, second):
+            assert outcome.code == 250 and outcome.reply == "2.0.0 queued as 1", outcome
+            assert set(outcome.verdicts.values()) == {Verdict.ACCEPTED}
+        assert first.replies["y@example.org"] == (250, "2.0.0 queued as 1")
+        assert server.accepted == 2
+        assert [c[:4] for c in server.commands].count(b"MAIL") == 2
+    finally:
+        server.stop()
