@@ -190,10 +190,31 @@ def check_address(addr: str, what: str) -> str:
     if not isinstance(addr, str) or not addr:
         raise ValidationError(f"{what}: an address is required")
     check_line(addr, what)
+    if _plain_address(addr):
+        return addr
     try:
         return _normalised_address(addr)
     except ValueError as exc:
         raise ValidationError(f"{what}: invalid address {addr!r}: {exc}") from exc
+
+
+# The common address, decided without email-validator (1 us instead of 40; the worker checks
+# every envelope again): an ASCII dot-atom local part at a lower-case host name whose labels are
+# letters and digits joined by single hyphens, under an alphabetic TLD. email-validator
+# returns each of these unchanged (a property test checks it); anything else goes to it.
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@((?:[a-z0-9]+(?:-[a-z0-9]+)*\.)+[a-z]{2,63})"
+)
+_SPECIAL_USE = ("arpa", "invalid", "local", "localhost", "onion", "test")  # email-validator's
+
+
+def _plain_address(addr: str) -> bool:
+    match = _PLAIN_ADDRESS.fullmatch(addr)
+    if match is None or len(addr) > 254 or addr.index("@") > 64:
+        return False
+    domain = match[1]
+    return max(map(len, domain.split("."))) <= 63 and domain.rpartition(".")[2] not in _SPECIAL_USE
 
 
 @functools.lru_cache(maxsize=4096)
