@@ -385,6 +385,7 @@ class ConnectorPool:
                 if resp.code == 354:  # a server that takes DATA without recipients: hang up
                     client.close()
                 else:
+                    timer.arm()
                     await replies.command(b"RSET")
                 return
         else:

@@ -59,3 +59,13 @@ def test_aiosmtplib_is_used_through_its_public_api_only():
     for name in ("connect", "ehlo", "starttls", "login", "supports_extension", "get_transport_info", "close"):
         assert callable(getattr(aiosmtplib.SMTP, name)), name
     assert isinstance(inspect.getattr_static(aiosmtplib.SMTP, "is_connected"), property)
+
+
+def test_the_plain_address_short_cut_knows_email_validators_special_use_names():
+    """outbox/message.py decides common addresses without email-validator, refusing its
+    special-use domains itself (tests/unit/test_message.py compares the two on many more)."""
+    import email_validator
+
+    from outbox import message
+
+    assert set(message._SPECIAL_USE) == set(email_validator.SPECIAL_USE_DOMAIN_NAMES)
