@@ -15,9 +15,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT value IS NULL OR value !~ '[\r\n]'
 $$;
 
--- The two checks below are PL/pgSQL, whose plans are cached per session: as SQL functions
+-- The checks below are PL/pgSQL, whose plans are cached per session: as SQL functions
 -- that cannot be inlined they were planned again for every statement that called them.
-CREATE OR REPLACE FUNCTION outbox.single_line(value text[]) RETURNS boolean
+CREATE OR REPLACE FUNCTION outbox.none_match(value text[], pattern text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
     v text;
@@ -26,11 +26,18 @@ BEGIN
         RETURN true;
     END IF;
     FOREACH v IN ARRAY value LOOP
-        IF v ~ '[\r\n]' THEN
+        IF v ~ pattern THEN
             RETURN false;
         END IF;
     END LOOP;
     RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.single_line(value text[]) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN outbox.none_match(value, '[\r\n]');
 END
 $$;
 
@@ -55,6 +62,32 @@ BEGIN
         END IF;
     END LOOP;
     RETURN true;
+END
+$$;
+
+-- True when a text value holds no RFC 2047 encoded word (=?charset?Q|B?text?=): the worker's
+-- header parser would decode one, so text that already looks encoded could smuggle line
+-- breaks or addresses into a header. The Python side refuses them the same way.
+CREATE OR REPLACE FUNCTION outbox.plain_text(value text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT value IS NULL OR value !~ '=\?[^?[:space:]]*\?[bBqQ]\?[^?]*\?='
+$$;
+
+CREATE OR REPLACE FUNCTION outbox.plain_text(value text[]) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT outbox.none_match(value, '=\?[^?[:space:]]*\?[bBqQ]\?[^?]*\?=')
+$$;
+
+-- The same for the values of custom headers.
+CREATE OR REPLACE FUNCTION outbox.plain_text(headers jsonb) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    IF headers IS NULL OR jsonb_typeof(headers) <> 'object' OR headers = '{}'::jsonb THEN
+        RETURN true;
+    END IF;
+    RETURN NOT EXISTS (
+        SELECT FROM jsonb_each_text(headers)
+         WHERE value ~ '=\?[^?[:space:]]*\?[bBqQ]\?[^?]*\?=');
 END
 $$;
 
@@ -325,7 +358,10 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.message_id IS NULL THEN
         NEW.message_id := '<' || replace(gen_random_uuid()::text, '-', '') || '@'
-            || coalesce(nullif(lower(split_part(NEW.from_addr, '@', 2)), ''), 'outbox.invalid')
+            -- an ASCII domain (the worker refuses any other Message-ID): an IDN sender's is
+            -- replaced, as punycode is out of reach here
+            || coalesce(substring(lower(split_part(NEW.from_addr, '@', 2)) FROM '^[a-z0-9.-]+$'),
+                        'outbox.invalid')
             || '>';
     END IF;
     NEW.next_attempt_at := coalesce(NEW.next_attempt_at, NEW.send_after, now());
@@ -545,10 +581,11 @@ ALTER TABLE outbox.message DROP CONSTRAINT IF EXISTS message_idempotency_key_key
 CREATE UNIQUE INDEX IF NOT EXISTS message_idempotency_key_idx
     ON outbox.message (idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- The header-injection checks on a message's addresses, subject and custom headers run when
--- those columns are written (insert, or an UPDATE naming them), not on every status change:
--- as CHECK constraints they were evaluated again by each of a delivery's three updates. The
--- errors are the same: SQLSTATE 23514 (check_violation) naming the same constraint.
+-- The header-injection checks on a message's addresses, subject and custom headers (line
+-- breaks; RFC 2047 encoded words: message_headers_plain_text) run when those columns are
+-- written (insert, or an UPDATE naming them), not on every status change: as CHECK
+-- constraints they were evaluated again by each of a delivery's three updates. The errors
+-- are the same: SQLSTATE 23514 (check_violation) naming the constraint.
 ALTER TABLE outbox.message DROP CONSTRAINT IF EXISTS message_from_is_address;
 ALTER TABLE outbox.message DROP CONSTRAINT IF EXISTS message_headers_single_line;
 ALTER TABLE outbox.message DROP CONSTRAINT IF EXISTS message_custom_headers_valid;
@@ -567,6 +604,11 @@ BEGIN
         broken := 'message_headers_single_line';
     ELSIF NOT outbox.headers_valid(NEW.headers) THEN
         broken := 'message_custom_headers_valid';
+    ELSIF NOT (outbox.plain_text(NEW.from_addr) AND outbox.plain_text(NEW.from_name)
+               AND outbox.plain_text(NEW.to_addrs) AND outbox.plain_text(NEW.cc_addrs)
+               AND outbox.plain_text(NEW.bcc_addrs) AND outbox.plain_text(NEW.reply_to)
+               AND outbox.plain_text(NEW.subject) AND outbox.plain_text(NEW.headers)) THEN
+        broken := 'message_headers_plain_text';
     END IF;
     IF broken IS NOT NULL THEN
         RAISE EXCEPTION 'new row for relation "message" violates check constraint "%"', broken

@@ -3,7 +3,7 @@ transaction. Nothing is committed here: a rolled-back transaction leaves no emai
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -33,13 +33,17 @@ def _attachment_params(message_id: int, draft: Draft) -> list[dict[str, Any]]:
     ]
 
 
-def _refused(draft: Draft, limit: int, routable: bool) -> ValidationError | None:
+class Enqueued(NamedTuple):
+    """The row id, and whether a connector or an enabled gateway routes its From right now
+    (a message without a route is written all the same, and fails at send time)."""
+
+    id: int
+    from_addr: str
+    routable: bool
+
+
+def _refused(draft: Draft, limit: int) -> ValidationError | None:
     """Why the insert wrote nothing: an error, or None for a repeated idempotency key."""
-    if not routable:
-        return ValidationError(
-            f"no connector sends as {draft.from_addr} and there is no enabled System Default "
-            "Gateway: refusing to relay for this sender"
-        )
     if draft.size_bytes > limit and not draft.system_generated:
         return ValidationError(
             f"message is {draft.size_bytes} bytes, over the maximum email size of {limit} bytes"
@@ -74,7 +78,9 @@ def enqueue(
     priority, system_generated, reference, idempotency_key, send_after (aware datetime).
     A repeated `idempotency_key` returns the existing row's id and writes nothing.
     `from_addr=None` with `system_generated=True` sends from the unmonitored address.
-    Raises `outbox.ValidationError` before anything is written.
+    Raises `outbox.ValidationError` before anything is written. Routing never refuses: a
+    message whose From has no connector and no enabled gateway is written, and ends `failed`
+    with the reason when the worker takes it (fix the route, then `outbox replay`).
     """
     kwargs = dict(
         options,
@@ -85,21 +91,26 @@ def enqueue(
         html=html,
         attachments=attachments,
     )
+    return enqueue_routed(conn, **kwargs).id
+
+
+def enqueue_routed(conn: psycopg.Connection[Any], **kwargs: Any) -> Enqueued:
+    """`enqueue`, also saying whether the message's From has a route right now."""
     unmonitored = None
-    if from_addr is None:
+    if kwargs.get("from_addr") is None:
         row = conn.execute(Q["unmonitored_address"]).fetchone()
         unmonitored = row[0] if row else None
     draft = _draft(unmonitored, kwargs)
     with conn.cursor() as cur:
         new_id, limit, routable = cur.execute(Q["insert_message"], _params(draft)).fetchone()  # type: ignore[misc]
         if new_id is None:
-            if error := _refused(draft, limit, routable):
+            if error := _refused(draft, limit):
                 raise error
             existing = cur.execute(Q["message_by_idempotency_key"], _params(draft)).fetchone()
-            return int(existing[0])  # type: ignore[index]
+            return Enqueued(int(existing[0]), draft.from_addr, routable)  # type: ignore[index]
         if draft.attachments:
             cur.executemany(Q["insert_attachment"], _attachment_params(new_id, draft))
-    return int(new_id)
+    return Enqueued(int(new_id), draft.from_addr, routable)
 
 
 async def enqueue_async(
@@ -130,9 +141,9 @@ async def enqueue_async(
     draft = _draft(unmonitored, kwargs)
     async with conn.cursor() as cur:
         await cur.execute(Q["insert_message"], _params(draft))
-        new_id, limit, routable = await cur.fetchone()  # type: ignore[misc]
+        new_id, limit, _ = await cur.fetchone()  # type: ignore[misc]
         if new_id is None:
-            if error := _refused(draft, limit, routable):
+            if error := _refused(draft, limit):
                 raise error
             await cur.execute(Q["message_by_idempotency_key"], _params(draft))
             existing = await cur.fetchone()

@@ -10,18 +10,23 @@ import structlog
 
 
 def configure(*, level: str = "info", fmt: str = "console") -> None:
-    renderer: structlog.typing.Processor
+    # Tracebacks are plain text, never with the local variables of their frames (a frame may
+    # hold a password): the console renderer's default would be rich's or better-exceptions'
+    # when installed, which show locals; structlog's dict tracebacks show them too.
+    renderers: list[structlog.typing.Processor]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        renderers = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderers = [
+            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+        ]
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

@@ -1,16 +1,9 @@
 -- insert_message --
--- Insert one validated message unless its From has no route (no outbound connector for it
--- and no enabled System Default Gateway: the outbox is no relay for arbitrary senders), it is
--- over the size limit (system mail is exempt) or its idempotency key exists. Returns the new
--- id (or NULL), the size limit in force and whether the From address has a route.
+-- Insert one validated message unless it is over the size limit (system mail is exempt) or
+-- its idempotency key exists. Routing never refuses a message (one with no route fails at
+-- send time); whether its From has a route right now is returned for `outbox send` to warn.
+-- Returns the new id (or NULL), the size limit in force and whether the From has a route.
 WITH limits AS (SELECT max_message_bytes FROM outbox.settings),
-route AS (
-    SELECT EXISTS (
-        SELECT 1 FROM outbox.connector c
-         WHERE c.direction IN ('outgoing', 'both')
-           AND ((c.is_default_gateway AND c.enabled)
-                OR c.address = lower(%(from_addr)s) OR lower(%(from_addr)s) = ANY (c.aliases))
-    ) AS routable),
 ins AS (
     INSERT INTO outbox.message (
         from_addr, from_name, to_addrs, cc_addrs, bcc_addrs, reply_to, subject, text_body,
@@ -20,12 +13,17 @@ ins AS (
            %(reply_to)s, %(subject)s, %(text_body)s, %(html_body)s, %(headers)s,
            %(importance)s, %(priority)s, %(system_generated)s, %(reference)s,
            %(idempotency_key)s, %(send_after)s, %(message_id)s, %(size_bytes)s, %(content)s
-      FROM limits, route
-     WHERE route.routable AND (%(size_bytes)s <= limits.max_message_bytes OR %(system_generated)s)
+      FROM limits
+     WHERE %(size_bytes)s <= limits.max_message_bytes OR %(system_generated)s
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id)
 SELECT (SELECT id FROM ins) AS id, (SELECT max_message_bytes FROM limits) AS max_message_bytes,
-       (SELECT routable FROM route) AS routable;
+       EXISTS (
+           SELECT 1 FROM outbox.connector c
+            WHERE c.direction IN ('outgoing', 'both')
+              AND ((c.is_default_gateway AND c.enabled)
+                   OR c.address = lower(%(from_addr)s) OR lower(%(from_addr)s) = ANY (c.aliases))
+       ) AS routable;
 
 -- message_by_idempotency_key --
 -- The id of the message already inserted with this key.

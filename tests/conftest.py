@@ -63,8 +63,8 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def parked_gateway(db: psycopg.Connection[Any]) -> None:
-    """A System Default Gateway with nothing listening behind it: enqueue accepts any From
-    (the outbox refuses senders it has no route for), and nothing is ever delivered."""
+    """A System Default Gateway with nothing listening behind it: every From has a route
+    (`outbox send` does not warn), and nothing is ever delivered."""
     from outbox import connectors
     from outbox.connectors import NewConnector
 

@@ -10,7 +10,9 @@ before the reply to the one ahead of it gets "554 5.5.0 improper command pipelin
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
+from collections.abc import Callable
 
 from tests.smtp import free_port
 
@@ -18,10 +20,13 @@ PHASES = ("greeting", "ehlo", "mail", "rcpt", "data", "dot")
 
 
 class ScriptedServer:
-    def __init__(self, *, pipelining: bool = False, **replies: str) -> None:
+    def __init__(
+        self, *, pipelining: bool = False, tls: ssl.SSLContext | None = None, **replies: str
+    ) -> None:
         unknown = set(replies) - set(PHASES)
         assert not unknown, unknown
         self.pipelining = pipelining
+        self.tls = tls  # implicit TLS
         self.pipelined = 0
         self.improper = 0
         self.replies = {
@@ -34,6 +39,7 @@ class ScriptedServer:
         } | replies
         self.port = free_port()
         self.accepted = 0
+        self.commands: list[bytes] = []  # every command line read, in order
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -43,7 +49,7 @@ class ScriptedServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._session, "127.0.0.1", self.port)
+            asyncio.start_server(self._session, "127.0.0.1", self.port, ssl=self.tls)
         )
         self._ready.set()
         self.loop.run_forever()
@@ -59,6 +65,7 @@ class ScriptedServer:
             if not await reply(self.replies["greeting"]):
                 return
             while line := await reader.readline():
+                self.commands.append(line)
                 verb = line[:4].upper()
                 if reader._buffer:  # the next command came before this one's reply
                     if not self.pipelining:
@@ -98,3 +105,55 @@ class ScriptedServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+class SegmentedServer(ScriptedServer):
+    """Offers PIPELINING and answers each pipelined group (MAIL, RCPT..., DATA), once it has
+    read all of it, with all its replies written in the pieces `split` cuts them into (one
+    write each, flushed, a pause between pieces so that each travels in its own TCP segment or
+    TLS record); the reply to the final dot too. Replies to RCPT are two-line replies."""
+
+    def __init__(self, split: Callable[[bytes], list[bytes]], **kw: object) -> None:
+        self.split = split
+        super().__init__(pipelining=True, **kw)  # type: ignore[arg-type]
+
+    async def _pieces(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        pieces = self.split(data)
+        assert b"".join(pieces) == data
+        for i, piece in enumerate(pieces):
+            if i:
+                await asyncio.sleep(0.02)  # a segment of its own, not a wait for a condition
+            writer.write(piece)
+            await writer.drain()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 segmented.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                self.commands.append(line)
+                verb = line[:4].upper()
+                if verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                if verb in (b"EHLO", b"HELO"):
+                    writer.write(b"250-segmented.test\r\n250 PIPELINING\r\n")
+                elif verb == b"MAIL":
+                    group = [line]
+                    while not group[-1].upper().startswith(b"DATA"):
+                        group.append(await reader.readline())
+                    self.commands.extend(group[1:])
+                    rcpts = len(group) - 2
+                    await self._pieces(
+                        writer,
+                        b"250 2.1.0 sender ok\r\n"
+                        + b"250-2.1.5 recipient ok\r\n250 2.1.5 and welcome\r\n" * rcpts
+                        + b"354 go ahead\r\n",
+                    )
+                    while (chunk := await reader.readline()) and chunk != b".\r\n":
+                        pass
+                    self.accepted += 1
+                    await self._pieces(writer, b"250 2.0.0 queued as 1\r\n")
+                else:
+                    writer.write(b"250 OK\r\n")
+        finally:
+            writer.close()

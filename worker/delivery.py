@@ -27,7 +27,8 @@ from tenacity import (
 from outbox import logs
 from outbox.config import Config
 from outbox.connections import pg_kwargs
-from outbox.message import Attachment, build, render
+from outbox.errors import ValidationError
+from outbox.message import Attachment, build, check_envelope, check_row, render
 from outbox.resolve import Connector, Route, resolve
 from outbox.settings import Settings
 from outbox.sql import queries
@@ -67,13 +68,25 @@ def envelope(row: Mapping[str, Any], settings: Settings) -> list[str]:
     addrs += settings.additional_bcc
     seen: dict[str, str] = {}
     for a in addrs:
-        seen.setdefault(a.lower(), a)
+        if isinstance(a, str):  # a SQL writer's NULL in an array is nobody (the row fails)
+            seen.setdefault(a.lower(), a)
     return list(seen.values())
 
 
 class Unbuildable(Exception):
-    """A message whose row cannot be made into MIME (bad data written by SQL): building it
-    again gives the same error, so it fails at once with the reason."""
+    """A message whose row cannot be made into MIME (bad data written by SQL: anything
+    `enqueue` would have refused, or what the MIME builder refuses): building it again gives
+    the same error, so it fails at once with the reason, and no server hears of it."""
+
+
+def checked(row: dict[str, Any], attachments: Sequence[Attachment]) -> dict[str, Any]:
+    """The row as enqueue would have written it, or Unbuildable. A row the worker builds
+    (inserted by SQL, or too large to keep its content) goes through enqueue's whole
+    validator; one with content rendered at enqueue has its envelope checked again."""
+    try:
+        return check_envelope(row) if row["content"] is not None else check_row(row, attachments)
+    except ValidationError as exc:
+        raise Unbuildable(str(exc)) from exc
 
 
 @dataclass
@@ -252,6 +265,7 @@ class Delivery:
 
     async def _deliver(self, row: dict[str, Any], batch: Batch, flight: Flight, started: datetime) -> Result:
         settings = batch.settings
+        row = checked(row, batch.attachments.get(row["id"], ()))
         route = resolve(row["from_addr"], batch.connectors)
         if route.action != "send":
             return self._unrouted(row, route, started)
@@ -274,6 +288,11 @@ class Delivery:
                     content = render(build(row, batch.attachments.get(row["id"], ()), date=row["created_at"]))
                 except Exception as exc:
                     raise Unbuildable(f"{type(exc).__name__}: {exc}") from exc
+            if len(content) > settings.max_message_bytes and not row["system_generated"]:
+                raise Unbuildable(  # as enqueue refuses it
+                    f"message is {len(content)} bytes, over the maximum email size of "
+                    f"{settings.max_message_bytes} bytes"
+                )
             pool = self.transport.pool(
                 connector,
                 timeout=settings.smtp_timeout_seconds,

@@ -122,7 +122,7 @@ RETURNING m.id, m.lease_token::text;
 -- The rows a claim just took, under the tokens it gave them (read after it committed).
 SELECT m.id, m.from_addr, m.from_name, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
        m.subject, m.text_body, m.html_body, m.headers, m.importance, m.message_id,
-       m.attempts, m.created_at, m.lease_token, m.system_generated, m.content,
+       m.reference, m.idempotency_key, m.attempts, m.created_at, m.lease_token, m.system_generated, m.content,
        m.replays, coalesce(m.replayed_at, m.created_at) AS round_started_at,
        EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)

@@ -1,6 +1,8 @@
 """SMTP transport: aiosmtplib connections pooled per connector, one phase-tracked
 transaction (MAIL, RCPT each, DATA, final dot) per message; when the server offers
 PIPELINING, the envelope and DATA go out in one write (two round trips per message, not 3+n).
+aiosmtplib sets each session up (connect, EHLO, STARTTLS, AUTH: its public API); the
+transactions on it are written here and their replies read by `worker.replies.Replies`.
 
 The envelope is always explicit; nothing is derived from headers. Credentials are only ever
 sent over TLS: a connector with AUTH whose server stops offering STARTTLS fails loudly. An
@@ -22,9 +24,7 @@ from typing import Any
 
 import aiosmtplib
 from aiosmtplib import SMTP, SMTPResponse
-from aiosmtplib.email import quote_address
 from aiosmtplib.errors import SMTPAuthenticationError, SMTPResponseException
-from aiosmtplib.protocol import SMTPProtocol
 
 from outbox.connectors import effective_security
 from outbox.errors import ConfigurationError
@@ -32,6 +32,7 @@ from outbox.resolve import Connector
 from outbox.secrets import password_for
 from worker.oauth import TokenSource, basic_auth_refused, oauth_hint
 from worker.policy import Verdict, classify, is_connector_problem
+from worker.replies import Replies
 
 # While a large message's upload drains, how often to look at its progress.
 UPLOAD_POLL_SECONDS = 0.05
@@ -87,26 +88,35 @@ def _dot_stuff(content: bytes) -> bytes:
     return _DOT.sub(b"..", content) + b".\r\n"
 
 
+# What never goes into a path on an SMTP command line, whatever validated the address before:
+# control characters (NUL, CR, LF, C1), any kind of space or line separator, the brackets
+# that end a path, lone surrogates.
+_UNSAFE_IN_PATH = re.compile("[\x00-\x20\x7f-\x9f<>\u2028\u2029\ud800-\udfff\\s]")
+_UNSAFE_ON_LINE = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class UnsafeCommand(ValueError):
+    """An address that would change the SMTP command it goes into: the message fails for good,
+    and nothing of it is written."""
+
+
+def _check_path(verb: bytes, address: str) -> None:
+    if not address or _UNSAFE_IN_PATH.search(address):
+        raise UnsafeCommand(
+            f"refusing to write {verb.decode()} with the address {address!r}: control characters, "
+            "spaces and angle brackets never go on an SMTP command line"
+        )
+
+
 def _command(verb: bytes, prefix: bytes, address: str, options: list[bytes], encoding: str) -> bytes:
-    """`MAIL FROM:<a> OPTIONS` or `RCPT TO:<a>`, quoted and checked as aiosmtplib does (an
-    address that could inject a command raises ValueError)."""
-    return b" ".join([verb, prefix + quote_address(address).encode(encoding), *options])
-
-
-# aiosmtplib's protocol parses one reply per chunk received and keeps the rest in its buffer;
-# a pipelined group's later replies are taken from there (a private method, checked here and
-# by the tests: without it the transport falls back to one command at a time).
-PIPELINED_READS = hasattr(SMTPProtocol, "_read_response_from_buffer")
-
-
-async def _next_reply(protocol: SMTPProtocol) -> SMTPResponse:
-    """The next reply of a pipelined group. No await between two calls: aiosmtplib drops data
-    that arrives while no reply is being awaited, and `read_response` marks one awaited
-    before it yields."""
-    buffered = protocol._read_response_from_buffer()
-    if buffered is not None:
-        return buffered
-    return await protocol.read_response(timeout=None)
+    """`MAIL FROM:<a> OPTIONS` or `RCPT TO:<a>`: every command line of a transaction is made
+    here, and one that a control character (or a space, or a bracket) in the address would
+    change raises UnsafeCommand before anything is written."""
+    _check_path(verb, address)
+    line = b" ".join([verb, prefix + b"<" + address.encode(encoding) + b">", *options])
+    if _UNSAFE_ON_LINE.search(line):  # pragma: no cover  (the address check covers it)
+        raise UnsafeCommand(f"refusing to write an SMTP command with a control character: {line!r}")
+    return line
 
 
 class ReplyTimer:
@@ -368,14 +378,19 @@ class ConnectorPool:
     ) -> None:
         envelope_from, utf8 = _encode_address(sender)
         rcpts = [_encode_address(r) for r in recipients]
+        try:  # checked again as each command is made
+            _check_path(b"MAIL", envelope_from)
+            for addr, _ in rcpts:
+                _check_path(b"RCPT", addr)
+        except UnsafeCommand as exc:  # nothing of this message is written
+            self._refuse(outcome, "mail", readable(str(exc)), recipients)
+            return
         # UTF-8 headers (a non-ASCII local part anywhere) need SMTPUTF8 too; bodies are 7-bit.
         if utf8 or any(u for _, u in rcpts) or not content.isascii():
             if not client.supports_extension("smtputf8"):
-                outcome.phase = "mail"
-                outcome.error = "non-ASCII address but the server does not offer SMTPUTF8"
-                for r in recipients:
-                    outcome.verdicts[r] = Verdict.PERMANENT
-                    outcome.replies[r] = (None, outcome.error)
+                self._refuse(
+                    outcome, "mail", "non-ASCII address but the server does not offer SMTPUTF8", recipients
+                )
                 return
             options, encoding = [b"SMTPUTF8"], "utf-8"
         else:
@@ -384,62 +399,63 @@ class ConnectorPool:
             _command(b"MAIL", b"FROM:", envelope_from, options, encoding),
             *(_command(b"RCPT", b"TO:", addr, [], encoding) for addr, _ in rcpts),
         ]
-        protocol = client.protocol
-        assert protocol is not None
-        if PIPELINED_READS and client.supports_extension("pipelining"):
+        # The transaction is written and its replies read by `Replies` (public asyncio APIs,
+        # every reply in whatever the server's bytes arrive in), not by aiosmtplib.
+        phase("mail")
+        replies = Replies.of(client)
+        if client.supports_extension("pipelining"):
             # RFC 2920: the envelope and DATA in one write, their replies read in order. The
             # lease check that guards DATA therefore comes before anything is written.
-            phase("mail")
             if before_data is not None and not await before_data():
                 self._lease_lost(outcome, recipients)
                 return
-            protocol.write(b"\r\n".join([*commands, b"DATA", b""]))
+            replies.write(b"\r\n".join([*commands, b"DATA", b""]))
             timer.arm()
-            self._mail_reply(sender, await _next_reply(protocol))
+            self._mail_reply(sender, await replies.reply())
             phase("rcpt")
             accepted = []
-            for original, _ in zip(recipients, rcpts, strict=True):
+            for original in recipients:
                 timer.arm()
-                if self._rcpt_reply(outcome, original, await _next_reply(protocol)):
+                if self._rcpt_reply(outcome, original, await replies.reply()):
                     accepted.append(original)
             phase("data")
             timer.arm()
-            resp = await _next_reply(protocol)
-            timer.disarm()
+            resp = await replies.reply()
             if not accepted:
                 outcome.phase = "rcpt"
                 outcome.code, outcome.reply = outcome.replies[recipients[-1]]
                 if resp.code == 354:  # a server that takes DATA without recipients: hang up
                     client.close()
                 else:
-                    await client.rset()
+                    timer.arm()
+                    await replies.command(b"RSET")
                 return
         else:
-            phase("mail")
             timer.arm()
-            self._mail_reply(sender, await client.execute_command(commands[0], timeout=None))
+            self._mail_reply(sender, await replies.command(commands[0]))
             phase("rcpt")
             accepted = []
             for original, command in zip(recipients, commands[1:], strict=True):
                 timer.arm()
-                resp = await client.execute_command(command, timeout=None)
-                if self._rcpt_reply(outcome, original, resp):
+                if self._rcpt_reply(outcome, original, await replies.command(command)):
                     accepted.append(original)
-            timer.disarm()  # RSET and the lease check below have their own timeouts
             if not accepted:
                 outcome.code, outcome.reply = outcome.replies[recipients[-1]]
-                await client.rset()
+                timer.arm()
+                await replies.command(b"RSET")
                 return
+            timer.disarm()  # the lease check has its own timeouts
             if before_data is not None and not await before_data():
                 self._lease_lost(outcome, accepted)
-                await client.rset()
+                timer.arm()
+                await replies.command(b"RSET")
                 return
             phase("data")
             timer.arm()
-            resp = await client.execute_command(b"DATA", timeout=None)
+            resp = await replies.command(b"DATA")
         if resp.code != 354:
             raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-        resp = await self._upload(client, protocol, _dot_stuff(content), phase, timer)
+        resp = await self._upload(replies, _dot_stuff(content), phase, timer)
         outcome.code, outcome.reply = resp.code, readable(resp.message)
         verdict = classify("dot", resp.code)
         for r in accepted:
@@ -449,26 +465,19 @@ class ConnectorPool:
             client.close()
 
     async def _upload(
-        self,
-        client: SMTP,
-        protocol: SMTPProtocol,
-        data: bytes,
-        phase: Callable[[str], None],
-        timer: ReplyTimer,
+        self, replies: Replies, data: bytes, phase: Callable[[str], None], timer: ReplyTimer
     ) -> SMTPResponse:
         """Write the content and the final dot; return the server's verdict on it. The phase
         becomes "dot" (the server may have the message) and the final-dot timeout starts only
         once every byte has left this process: an upload that stalls for a command timeout is
         a failure in "data", which the server cannot have accepted."""
-        transport = client.transport
-        protocol.write(data)
-        if transport is None or not transport.get_write_buffer_size():  # the usual case
+        transport = replies.transport
+        replies.write(data)
+        if not transport.get_write_buffer_size():  # the usual case
             phase("dot")
             timer.arm(self.dot_timeout)
-            return await protocol.read_response(timeout=None)
-        # Await the reply from now on (aiosmtplib drops data that arrives while no reply is
-        # awaited; this task's first step runs before any data can be received).
-        reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+            return await replies.reply()
+        reply = asyncio.ensure_future(replies.reply())
         try:
             left = transport.get_write_buffer_size()
             timer.arm()
@@ -505,6 +514,14 @@ class ConnectorPool:
         return False
 
     @staticmethod
+    def _refuse(outcome: Outcome, phase: str, error: str, recipients: Sequence[str]) -> None:
+        """The message cannot go out through this session, now or later: it fails for good."""
+        outcome.phase, outcome.error = phase, error
+        for r in recipients:
+            outcome.verdicts[r] = Verdict.PERMANENT
+            outcome.replies[r] = (None, error)
+
+    @staticmethod
     def _lease_lost(outcome: Outcome, recipients: Sequence[str]) -> None:
         """Our lease ran out (the process was stopped, or stalled): another worker may own the
         row now, so this one must not send the content."""
@@ -516,10 +533,9 @@ class ConnectorPool:
     async def aclose(self) -> None:
         while self._idle:
             client = self._idle.pop()
-            try:
-                await asyncio.wait_for(client.quit(), timeout=2)
-            except Exception:
-                client.close()
+            with contextlib.suppress(Exception):  # its replies are read by `Replies` by now
+                await asyncio.wait_for(Replies.of(client).command(b"QUIT"), timeout=2)
+            client.close()
 
 
 class Transport:

@@ -13,7 +13,7 @@ from outbox.cli.base import (
     cli,
     with_conn,
 )
-from outbox.enqueue import enqueue
+from outbox.enqueue import enqueue_routed
 from outbox.errors import ValidationError
 from outbox.message import Attachment
 
@@ -83,7 +83,7 @@ def send(
     """Enqueue one message; print its id."""
     if fields["text"] is None and fields["html"] is None:
         raise ValidationError("give --text or --html")
-    msg_id = enqueue(
+    new = enqueue_routed(
         conn,
         to=list(to),
         cc=list(cc),
@@ -94,4 +94,11 @@ def send(
         **fields,
     )
     conn.commit()
-    click.echo(msg_id)
+    if not new.routable:
+        click.echo(
+            f"warning: no connector or enabled gateway routes {new.from_addr} right now; the message "
+            f"will fail unless one is added: `outbox connector add NAME --address {new.from_addr} …` "
+            f"or an enabled System Default Gateway, then `outbox replay {new.id}`",
+            err=True,
+        )
+    click.echo(new.id)

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 from cryptography.fernet import Fernet
 
-from tests.helpers import one_line_error
+from tests.helpers import add_gateway, one_line_error
 from tests.helpers import outbox_cli as outbox
 
 
@@ -45,6 +45,40 @@ def test_send_prints_only_the_id(cli_env, db, parked_gateway):
         "SELECT to_addrs, cc_addrs, status FROM outbox.message WHERE id = %s", [msg_id]
     ).fetchone()
     assert row == (["b@example.org", "c@example.org"], ["d@example.org"], "queued")
+
+
+def send_one(env):
+    return outbox(
+        env, "send", "--from", "app@example.com", "--to", "b@example.org", "--subject", "Hi", "--text", "t"
+    )
+
+
+def test_send_without_a_route_warns_writes_it_and_a_replay_delivers_it(cli_env, db, smtp, pipeline):
+    """No connector and no gateway: the message is written all the same (exit 0, its id on
+    stdout, a warning on stderr), fails at send time with the reason, and goes out once an
+    operator adds a gateway and replays it."""
+    sent = send_one(cli_env)
+    msg_id = int(sent.stdout)
+    assert sent.stdout == f"{msg_id}\n"
+    assert sent.stderr.startswith(
+        "warning: no connector or enabled gateway routes app@example.com right now; "
+        "the message will fail unless one is added: "
+    ), sent.stderr
+    assert f"outbox replay {msg_id}" in sent.stderr
+    pipeline.until_status(msg_id, "failed")
+    error = db.execute("SELECT last_error FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0]
+    assert error == "no connector for app@example.com and no System Default Gateway"
+    assert smtp.recorder.received == []
+    add_gateway(db, smtp)
+    outbox(cli_env, "replay", str(msg_id))
+    pipeline.until_status(msg_id, "sent")
+    [got] = smtp.recorder.wait_for(1)
+    assert got.rcpt_tos == ["b@example.org"]
+
+
+def test_send_with_a_route_says_nothing_on_stderr(cli_env, parked_gateway):
+    sent = send_one(cli_env)
+    assert sent.stderr == ""
 
 
 @pytest.mark.parametrize(

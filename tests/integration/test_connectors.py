@@ -93,7 +93,7 @@ def test_disabled_connector_holds_until_enabled(db, smtp_factory, pipeline):
 
 
 def sql_insert(db, from_addr):
-    """A writer that bypasses Python (and its routing check)."""
+    """A writer that bypasses Python."""
     return db.execute(
         "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body) "
         "VALUES (%s, '{rcpt@example.org}', 's', 't') RETURNING id",
@@ -101,15 +101,21 @@ def sql_insert(db, from_addr):
     ).fetchone()[0]
 
 
-def test_no_route_is_refused_at_enqueue_and_fails_at_send(db, smtp, pipeline):
+@pytest.mark.parametrize("writer", [send, sql_insert])
+def test_no_route_is_written_and_fails_at_send(db, smtp, pipeline, writer):
+    """Routing never refuses a message at enqueue (an operator's change must not fail the
+    application's transaction): it fails at send time, with the reason."""
     add(db, smtp, "sales", "sales@example.com")
-    with pytest.raises(ValidationError, match=r"no connector sends as someone@example\.com"):
-        send(db, "someone@example.com")
-    assert db.execute("SELECT count(*) FROM outbox.message").fetchone()[0] == 0
-    msg_id = sql_insert(db, "someone@example.com")
+    msg_id = writer(db, "someone@example.com")
     pipeline.until_status(msg_id, "failed")
     assert "no connector for someone@example.com and no System Default Gateway" in last_error(db, msg_id)
     assert smtp.recorder.received == []
+
+
+def test_an_oversized_message_without_a_route_is_refused_for_its_size(db):
+    db.execute("UPDATE outbox.settings SET max_message_bytes = 2048")
+    with pytest.raises(ValidationError, match="over the maximum email size of 2048 bytes"):
+        outbox.enqueue(db, from_addr="nobody@example.com", to=["b@example.org"], subject="s", text="x" * 5000)
 
 
 def test_disabled_gateway_without_match_fails(db, smtp_factory, pipeline):
@@ -118,11 +124,9 @@ def test_disabled_gateway_without_match_fails(db, smtp_factory, pipeline):
     add(db, relay, "gateway", "gateway@example.com", default_gateway=True)
     db.execute("UPDATE outbox.settings SET unmonitored_address = 'sales@example.com'")
     connectors.set_enabled(db, "gateway", False)
-    with pytest.raises(ValidationError, match="no enabled System Default Gateway"):
-        send(db, "other@example.com")
-    msg_id = sql_insert(db, "other@example.com")
-    pipeline.until_status(msg_id, "failed")
-    assert "System Default Gateway gateway is disabled" in last_error(db, msg_id)
+    for msg_id in (send(db, "other@example.com"), sql_insert(db, "other@example.com")):
+        pipeline.until_status(msg_id, "failed")
+        assert "System Default Gateway gateway is disabled" in last_error(db, msg_id)
 
 
 def test_starttls_with_auth_uses_env_password(db, smtp_factory, pipeline, ca_file, monkeypatch):

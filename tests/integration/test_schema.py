@@ -52,6 +52,42 @@ def test_custom_header_names_checked_in_sql(db):
         )
 
 
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("subject", "=?UTF-8?Q?hello=0D=0ABcc:_victim@evil.example?="),
+        ("from_name", "=?utf-8?b?Y2VvQGV4YW1wbGUuY29t?="),
+        ("to_addrs", ["b@example.org", "=?utf-8?q?x?=@example.org"]),
+        ("reply_to", "=?utf-8?q?x?=@example.org"),
+        ("headers", psycopg.types.json.Jsonb({"X-Tag": "a =?UTF-8?Q?=0AFrom:_x@evil.example?="})),
+    ],
+)
+def test_encoded_words_refused_in_sql(db, column, value):
+    values = {"from_addr": "a@example.com", "to_addrs": ["b@example.org"], "subject": "s"} | {column: value}
+    with pytest.raises(psycopg.errors.CheckViolation, match="message_headers_plain_text"):
+        db.execute(
+            f"INSERT INTO outbox.message ({', '.join(values)}, text_body) "
+            f"VALUES ({', '.join(['%s'] * len(values))}, 't')",
+            list(values.values()),
+        )
+    row_id = db.execute(MINIMAL + " RETURNING id", ["a@example.com", ["b@example.org"], "s", "t"]).fetchone()[
+        0
+    ]
+    with pytest.raises(psycopg.errors.CheckViolation, match="message_headers_plain_text"):
+        db.execute(f"UPDATE outbox.message SET {column} = %s WHERE id = %s", [value, row_id])
+
+
+def test_text_that_only_resembles_an_encoded_word_is_accepted_in_sql(db):
+    db.execute(MINIMAL, ["a@example.com", ["b@example.org"], "x =? y ?= and a?b?c", "t"])
+
+
+def test_minimal_insert_from_an_idn_sender_gets_an_ascii_message_id(db):
+    [mid] = db.execute(
+        MINIMAL + " RETURNING message_id", ["a@bücher.example", ["b@example.org"], "s", "t"]
+    ).fetchone()
+    assert mid.isascii() and mid.endswith("@outbox.invalid>")
+
+
 def test_idempotency_key_unique_in_sql(db):
     sql = (
         "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body, idempotency_key) "

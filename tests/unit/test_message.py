@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from outbox import message
 from outbox.errors import ValidationError
 from outbox.message import Attachment, build, draft_fields, prepare, render
 
@@ -448,3 +449,19 @@ def test_control_characters_never_reach_the_wire_raw(field):
     except ValidationError:
         return
     assert re.search(rb"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]", header_block(raw)) is None
+
+
+# -- the plain-address short cut -------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    addr=st.from_regex(message._PLAIN_ADDRESS, fullmatch=True)
+    | st.emails()
+    | st.builds(lambda a, b: f"{a}@{b}", st.text(max_size=20), st.text(max_size=30))
+)
+def test_the_plain_address_short_cut_agrees_with_email_validator(addr):
+    """Whatever `_plain_address` takes without email-validator, email-validator takes too and
+    returns unchanged (check_address would give the same answer either way)."""
+    if message._plain_address(addr):
+        assert message._normalised_address(addr) == addr
