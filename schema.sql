@@ -573,6 +573,15 @@ CREATE TABLE IF NOT EXISTS outbox.web_user (
     CONSTRAINT web_user_role_valid CHECK (role IN ('viewer', 'operator', 'admin'))
 );
 
+-- The console's lists and counts per status (the Outbox's failed, retry and held rows,
+-- Sent Items' partial ones) on a big table. Only rows that went wrong get an entry, so a
+-- delivery that goes well writes nothing here.
+CREATE INDEX IF NOT EXISTS message_attention_idx
+    ON outbox.message (status, id) WHERE status IN ('failed', 'retry', 'held', 'partial');
+-- Scheduled messages (and ones an operator made due with send-now, until they are claimed).
+CREATE INDEX IF NOT EXISTS message_scheduled_idx
+    ON outbox.message (id) WHERE status = 'queued' AND send_after IS NOT NULL;
+
 -- ==========================================================================================
 -- Least privilege: `outbox_app` for applications (insert messages, read their status),
 -- `outbox_worker` for pollers and workers; `outbox_dashboard` above. NOLOGIN roles: grant

@@ -27,7 +27,9 @@ SELECT name, role, password_hash FROM outbox.web_user WHERE name = %(name)s;
 -- A page of the Outbox or Sent Items view ({view}), newest first ({direction} DESC) or, for
 -- the page before, oldest first; keyset-paginated on id. A NULL parameter does not filter.
 -- From, recipient and subject match a part, in any case; the time range is on {time_column}.
--- `max_id` keeps "everything matching this filter" to what the operator was shown.
+-- `max_id` keeps "everything matching this filter" to what the operator was shown. {order} is
+-- `v.id`, or `v.id + 0` to keep the planner from walking the primary key backwards through
+-- the whole table for a rare match (the Outbox's rows are found through their indexes first).
 SELECT {columns}
   FROM {view} v
  WHERE (%(status)s::text IS NULL OR v.status = %(status)s::text)
@@ -41,15 +43,22 @@ SELECT {columns}
    AND (%(before)s::bigint IS NULL OR v.id < %(before)s::bigint)
    AND (%(after)s::bigint IS NULL OR v.id > %(after)s::bigint)
    AND (%(max_id)s::bigint IS NULL OR v.id <= %(max_id)s::bigint)
- ORDER BY v.id {direction}
+ ORDER BY {order} {direction}
  LIMIT %(limit)s;
 
--- count_by_status --
--- How many rows of {view} are in each of `statuses`, each counted up to `cap` (a list over a
--- big table never counts it all).
-SELECT s.status,
-       (SELECT count(*) FROM (SELECT 1 FROM {view} v WHERE v.status = s.status LIMIT %(cap)s) x) AS n
-  FROM unnest(%(statuses)s::text[]) AS s(status);
+-- outbox_counts --
+-- The Outbox's rows per status as outbox.outbox_view selects them (scheduled: queued with a
+-- future send_after), each counted up to `cap`: a big table is never counted whole, and each
+-- count reads one partial index (message_attention_idx, message_scheduled_idx).
+SELECT 'failed' AS status, (SELECT count(*) FROM (SELECT 1 FROM outbox.message WHERE status = 'failed' LIMIT %(cap)s) x) AS n
+UNION ALL SELECT 'retry', (SELECT count(*) FROM (SELECT 1 FROM outbox.message WHERE status = 'retry' LIMIT %(cap)s) x)
+UNION ALL SELECT 'queued', (SELECT count(*) FROM (SELECT 1 FROM outbox.message WHERE status = 'queued' AND send_after > now() LIMIT %(cap)s) x)
+UNION ALL SELECT 'held', (SELECT count(*) FROM (SELECT 1 FROM outbox.message WHERE status = 'held' LIMIT %(cap)s) x);
+
+-- sent_counts --
+-- Sent Items' rows per status, each counted up to `cap`.
+SELECT 'sent' AS status, (SELECT count(*) FROM (SELECT 1 FROM outbox.message WHERE status = 'sent' LIMIT %(cap)s) x) AS n
+UNION ALL SELECT 'partial', (SELECT count(*) FROM (SELECT 1 FROM outbox.message WHERE status = 'partial' LIMIT %(cap)s) x);
 
 -- attachments_of_message --
 -- A message's attachments without their content.

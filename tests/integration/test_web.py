@@ -4,6 +4,9 @@ user's password, and no secret in any page."""
 
 from __future__ import annotations
 
+import re
+from html import unescape
+
 import pytest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -232,3 +235,25 @@ def test_message_html_is_sandboxed_and_eml_downloads(db, parked_gateway, console
     assert "attachment" in eml.headers["content-disposition"]
     message_id = db.execute("SELECT message_id FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0]
     assert f"Message-ID: {message_id}".encode() in eml.content
+
+
+def test_keyset_pages_cover_every_row_once(db, parked_gateway, console):
+    ids = [_failed(db, f"Bill {n}") for n in range(120)]
+    client = console.client(console.user("vera", "viewer"))
+
+    def page(query: str) -> tuple[list[int], dict[str, str]]:
+        html = client.get("/?" + query).text
+        rows = [int(i) for i in re.findall(r'<tr data-id="(\d+)"', html)]
+        links = dict(re.findall(r'<a href="/\?([^"]*)" rel="(prev|next)"', html))
+        return rows, {rel: unescape(q) for q, rel in links.items()}
+
+    first, links = page("status=failed")
+    assert first == ids[::-1][:50] and "prev" not in links
+    second, links = page(links["next"])
+    assert second == ids[::-1][50:100]
+    third, links = page(links["next"])
+    assert third == ids[::-1][100:] and "next" not in links
+    back, _ = page(links["prev"])
+    assert back == second
+    counts = client.get("/").text
+    assert re.search(r'data-status="failed"[^>]*>Failed <span class="n">120</span>', counts)
