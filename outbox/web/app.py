@@ -28,6 +28,7 @@ ROUTES = [
     Route("/logout", pages.logout, methods=["POST"]),
     Route("/", pages.outbox_list, methods=["GET"]),
     Route("/sent", pages.sent_list, methods=["GET"]),
+    Route("/counts", pages.counts, methods=["GET"]),
     Route("/messages/{id:int}", pages.message, methods=["GET"]),
     Route("/messages/{id:int}/html", pages.message_html, methods=["GET"]),
     Route("/messages/{id:int}/eml", pages.message_eml, methods=["GET"]),
@@ -86,6 +87,10 @@ def serve(database_url: str, *, host: str, port: int) -> None:
     """`outbox web`: serve the console until interrupted."""
     import uvicorn
 
+    with psycopg.connect(database_url, connect_timeout=10) as conn:
+        # fails at once, on one line (the CLI's), when the database or the schema is missing
+        if conn.execute("SELECT count(*) FROM outbox.web_user").fetchone() == (0,):
+            log.warning("no users yet: add one with `outbox user add NAME --role admin --password-stdin`")
     app = create_app(database_url)
     uvicorn.run(
         app,

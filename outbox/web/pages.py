@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from psycopg.rows import dict_row
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from outbox import connectors, report
 from outbox.errors import NotFoundError, ValidationError
@@ -95,6 +95,15 @@ def outbox_list(ctx: Ctx) -> Response:
 @page()
 def sent_list(ctx: Ctx) -> Response:
     return _list(ctx, lists.SENT)
+
+
+@page()
+def counts(ctx: Ctx) -> Response:
+    """GET /counts?list=outbox|sent: the counts per status, for the list page to refresh."""
+    listing = lists.LISTINGS.get(ctx.request.query_params.get("list", "outbox"), lists.OUTBOX)
+    return JSONResponse(
+        {c["status"]: {"n": c["n"], "capped": c["capped"]} for c in lists.counts(ctx.conn, listing)}
+    )
 
 
 def _message_id(ctx: Ctx) -> int:

@@ -5,8 +5,11 @@ user's password, and no secret in any page."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from html import unescape
 
+import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,9 +19,21 @@ from outbox import connectors
 from outbox.connectors import NewConnector
 from outbox.web import users
 from outbox.web.auth import LoginThrottle, Sessions
+from tests.conftest import wait_until
+from tests.helpers import one_line_error, outbox_cli
+from tests.smtp import free_port
 from tests.webconsole import PASSWORD, csrf
 
-PAGES = ["/", "/sent", "/connectors", "/audit", "/messages/1", "/messages/1/html", "/messages/1/eml"]
+PAGES = [
+    "/",
+    "/sent",
+    "/counts",
+    "/connectors",
+    "/audit",
+    "/messages/1",
+    "/messages/1/html",
+    "/messages/1/eml",
+]
 
 
 def _failed(db, subject: str = "Invoice") -> int:
@@ -257,3 +272,36 @@ def test_keyset_pages_cover_every_row_once(db, parked_gateway, console):
     assert back == second
     counts = client.get("/").text
     assert re.search(r'data-status="failed"[^>]*>Failed <span class="n">120</span>', counts)
+    assert client.get("/counts?list=outbox").json()["failed"] == {"n": 120, "capped": False}
+    assert client.get("/counts?list=sent").json() == {
+        "sent": {"n": 0, "capped": False},
+        "partial": {"n": 0, "capped": False},
+    }
+
+
+def test_outbox_web_command_serves_and_says_what_is_wrong(db, cli_env):
+    port = free_port()
+    env = cli_env | {"OUTBOX_WEB_PORT": str(port), "OUTBOX_WEB_SECRET": "s3cret"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "outbox.cli", "web"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        response = wait_until(
+            lambda: _get(f"http://127.0.0.1:{port}/login"), timeout=30, what="outbox web to answer"
+        )
+        assert response.status_code == 200 and 'name="username"' in response.text
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    assert "no users yet" in output
+    line = one_line_error(outbox_cli(cli_env, "web", "--port", "70000", check=False), 2)
+    assert "--port" in line
+    unreachable = cli_env | {"OUTBOX_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/outbox"}
+    assert "cannot reach the database" in one_line_error(outbox_cli(unreachable, "web", check=False), 3)
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None
