@@ -305,3 +305,21 @@ def _get(url: str) -> httpx.Response | None:
         return httpx.get(url, timeout=5)
     except httpx.TransportError:
         return None
+
+
+def test_replaying_a_sent_message_asks_first_and_says_it_sends_again(db, parked_gateway, console):
+    msg_id = _failed(db, "Statement")
+    db.execute("UPDATE outbox.message SET status = 'sent', sent_at = now() WHERE id = %s", [msg_id])
+    client = console.client(console.user("olga", "operator"))
+    token = csrf(client.get("/sent").text)
+    data = {"csrf_token": token, "action": "replay", "list": "sent", "ids": str(msg_id), "return_to": "/sent"}
+    question = client.post("/actions", data=data)
+    assert question.status_code == 200 and "Replay 1 message?" in question.text
+    assert "replaying sends them again, to every recipient" in question.text
+    assert _status(db, msg_id) == "sent"
+    done = client.post("/actions", data=data | {"confirmed": "yes"})
+    assert done.status_code == 303 and _status(db, msg_id) == "queued"
+    selection = db.execute("SELECT selection FROM outbox.operator_audit").fetchone()[0]
+    assert selection["force"] is True and selection["via"] == "web console"
+    audit = client.get("/audit").text
+    assert "force=true" in audit and "via=web console" in audit
