@@ -8,7 +8,7 @@ from typing import Any
 from psycopg.rows import dict_row
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from outbox import connectors, report
+from outbox import connectors, operations, report
 from outbox.errors import NotFoundError, ValidationError
 from outbox.message import Attachment, build, render
 from outbox.sql import queries
@@ -124,7 +124,14 @@ def message(ctx: Ctx) -> Response:
     bodies = _bodies(ctx, m["id"])
     with ctx.conn.cursor(row_factory=dict_row) as cur:
         attachments = cur.execute(Q["attachments_of_message"], {"id": m["id"]}).fetchall()
-    return ctx.render("message.html", m=m, bodies=bodies, attachments=attachments)
+    return ctx.render(
+        "message.html",
+        m=m,
+        bodies=bodies,
+        attachments=attachments,
+        replayable=operations.REPLAYABLE,
+        cancellable=operations.CANCELLABLE,
+    )
 
 
 @page()

@@ -323,3 +323,33 @@ def test_replaying_a_sent_message_asks_first_and_says_it_sends_again(db, parked_
     assert selection["force"] is True and selection["via"] == "web console"
     audit = client.get("/audit").text
     assert "force=true" in audit and "via=web console" in audit
+
+
+def test_test_connection_and_reset_backoff(db, smtp, console):
+    from tests.helpers import add_gateway
+
+    add_gateway(db, smtp, "gw")
+    connectors.add(
+        db,
+        NewConnector(name="dead", direction="outgoing", address="dead@example.com", host="127.0.0.1", port=9),
+    )
+    client = console.client(console.user("olga", "operator"))
+    token = csrf(client.get("/connectors").text)
+    assert client.post("/connectors/gw/test", data={"csrf_token": token}).status_code == 303
+    page = client.get("/connectors").text
+    assert "Test connection gw: passed." in page and "ok ehlo" in page.lower()
+    client.post("/connectors/dead/test", data={"csrf_token": token})
+    page = client.get("/connectors").text
+    assert "Test connection dead: FAILED." in page and "FAIL connect" in page
+
+    db.execute(
+        "UPDATE outbox.connector SET failures = 3, backoff_until = now() + interval '1 hour', "
+        "last_error = 'connect refused', last_error_at = now() WHERE name = 'dead'"
+    )
+    assert "backing off" in client.get("/connectors").text
+    assert client.post("/connectors/dead/reset", data={"csrf_token": token}).status_code == 303
+    page = client.get("/connectors").text
+    assert "dead: backoff ended" in page and connectors.get(db, "dead").failures == 0
+    actor, action = db.execute("SELECT actor, action FROM outbox.operator_audit").fetchone()
+    assert (actor, action) == ("olga", "connector-reset")
+    assert client.post("/connectors/nope/reset", data={"csrf_token": token}).status_code == 404
