@@ -254,3 +254,12 @@ def stop_event() -> Iterator[threading.Event]:
     event = threading.Event()
     yield event
     event.set()
+
+
+@pytest.fixture
+def console(database_url: str) -> Iterator[Any]:
+    """The web console served from this process against this test's database."""
+    from tests.webconsole import serve
+
+    with serve(database_url) as c:
+        yield c

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import click
 import psycopg
 
-from outbox.cli import connector, operate, read, run, schema, send, settings  # noqa: F401
+from outbox.cli import connector, operate, read, run, schema, send, settings, user, web  # noqa: F401
 from outbox.cli.base import EXIT_ERROR, EXIT_UNAVAILABLE, cli
 from outbox.errors import OutboxError
 

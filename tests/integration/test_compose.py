@@ -285,3 +285,12 @@ def test_grace_period_outlasts_the_shutdown_deadline() -> None:
         shutdown = float(env.get("OUTBOX_SHUTDOWN_SECONDS", Config.model_fields["shutdown_seconds"].default))
         grace = _seconds(services[name].get("stop_grace_period", "10s"))
         assert grace == 30 and shutdown + 3 <= grace, (name, grace, shutdown)
+
+
+def test_web_console_serves_on_this_host_only_after_the_schema() -> None:
+    web = _services()["web"]
+    assert _command(web)[:1] == ["web"] and "0.0.0.0" in _command(web)
+    assert [p["host_ip"] if isinstance(p, dict) else p.split(":")[0] for p in web["ports"]] == ["127.0.0.1"]
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    env = _environment(web)
+    assert env["OUTBOX_DATABASE_URL"] == DATABASE_URL and "OUTBOX_WEB_SECRET" in env
