@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+scripts/test-tools.sh
 scripts/services.sh
 exec .venv/bin/python -m pytest "$@"
