@@ -710,7 +710,7 @@ BEGIN
         GRANT SELECT ON outbox.attachment, outbox.settings, outbox.connector TO outbox_worker;
         GRANT UPDATE (failures, backoff_until, last_error, last_error_at)
             ON outbox.connector TO outbox_worker;
-        GRANT INSERT ON outbox.attempt TO outbox_worker;
+        GRANT SELECT, INSERT ON outbox.attempt TO outbox_worker;  -- the reaper counts earlier losses
         GRANT SELECT, INSERT, UPDATE ON outbox.recipient TO outbox_worker;
     END IF;
 END
