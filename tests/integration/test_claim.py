@@ -100,12 +100,14 @@ class FreezingProxy:
         stall = asyncio.Event()
 
         async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
+            tail = b""  # the marker may be cut across two chunks (a busy machine reads less)
             while not stall.is_set() and (chunk := await reader.read(65536)):
                 writer.write(chunk)
                 await writer.drain()
-                if upstream and self.marker in chunk:
+                if upstream and self.marker in tail + chunk:
                     stall.set()
                     self.frozen.set()
+                tail = (tail + chunk)[-len(self.marker) :]
             if not stall.is_set():
                 writer.close()
 
