@@ -711,6 +711,7 @@ BEGIN
         GRANT UPDATE (failures, backoff_until, last_error, last_error_at)
             ON outbox.connector TO outbox_worker;
         GRANT SELECT, INSERT ON outbox.attempt TO outbox_worker;  -- the reaper counts earlier losses
+        GRANT INSERT ON outbox.connector_event TO outbox_worker;  -- "backing off", with the reason
         GRANT SELECT, INSERT, UPDATE ON outbox.recipient TO outbox_worker;
     END IF;
 END

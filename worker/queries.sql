@@ -223,15 +223,21 @@ SELECT count(*) FILTER (WHERE status IN ('queued', 'retry') AND next_attempt_at 
  WHERE status IN ('queued', 'retry', 'dispatched', 'sending');
 
 -- connector_failed --
--- A failure before MAIL (connect, TLS, AUTH): back the connector off (once per backoff
--- window, however many messages hit it at the same time); returns when it is due again.
+-- A failure before MAIL (token, connect, TLS, AUTH): back the connector off (once per backoff
+-- window, however many messages hit it at the same time) and say so in its activity history;
+-- returns when it is due again.
 WITH bumped AS (
     UPDATE outbox.connector
        SET failures = failures + 1, last_error = %(error)s, last_error_at = now(),
            backoff_until = now() + make_interval(
                secs => least(%(max_seconds)s, %(base_seconds)s * 2 ^ least(failures, 30)))
      WHERE id = %(id)s AND (backoff_until IS NULL OR backoff_until <= now())
-    RETURNING backoff_until)
+    RETURNING id, name, failures, backoff_until),
+event AS (
+    INSERT INTO outbox.connector_event (connector_id, connector_name, action, actor, detail)
+    SELECT id, name, 'backing off', 'worker',
+           jsonb_build_object('error', %(error)s, 'failures', failures, 'until', backoff_until)
+      FROM bumped)
 SELECT coalesce((SELECT backoff_until FROM bumped),
                 (SELECT backoff_until FROM outbox.connector WHERE id = %(id)s)) AS backoff_until,
        EXISTS (SELECT 1 FROM bumped) AS bumped;

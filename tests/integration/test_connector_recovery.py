@@ -194,7 +194,9 @@ def test_a_passing_connector_test_sends_the_waiting_mail_and_a_failing_one_chang
     failing = outbox_cli(cli_env, "connector", "test", "sales", check=False)
     assert failing.returncode == 1 and "FAIL" in failing.stdout
     assert connector_row(db) == connector_before and message_row(db, msg_id) == message_before
-    assert [e[0] for e in events(db)] == ["created"]
+    # the worker's backoff is in the activity history, with its reason; a failing test adds nothing
+    assert [e[:2] for e in events(db)] == [("created", events(db)[0][1]), ("backing off", "worker")]
+    assert "Connect call failed" in events(db)[1][2]["error"] and events(db)[1][2]["failures"] == 1
 
     server = smtp_factory(port=port)
     passing = outbox_cli(cli_env, "connector", "test", "sales", "--json")
@@ -207,7 +209,7 @@ def test_a_passing_connector_test_sends_the_waiting_mail_and_a_failing_one_chang
     # a passing test of a healthy connector changes nothing
     again = outbox_cli(cli_env, "connector", "test", "sales")
     assert "backoff" not in again.stdout
-    assert [e[0] for e in events(db)] == ["created", "backoff reset"]
+    assert [e[0] for e in events(db)] == ["created", "backing off", "backoff reset"]
 
 
 # -- what `connector list` says ----------------------------------------------------------------

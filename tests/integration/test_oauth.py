@@ -216,6 +216,10 @@ def test_token_endpoint_failure_backs_off_without_spending_attempts(
     assert reason in listed[0]["error"] and listed[0]["state"].startswith("backing off until")
     shown = json.loads(outbox_cli(cli_env, "show", str(ids[0]), "--json").stdout)
     assert any(a["phase"] == "token" and reason in (a["error"] or "") for a in shown["attempts_history"])
+    [(actor, detail)] = db.execute(
+        "SELECT actor, detail FROM outbox.connector_event WHERE action = 'backing off'"
+    ).fetchall()  # the activity history says why, once per backoff window
+    assert actor == "worker" and reason in detail["error"] and CLIENT_SECRET not in detail["error"]
     env = dict(cli_env, SALES_CLIENT_SECRET=CLIENT_SECRET, SSL_CERT_FILE=ca_file)
     test = outbox_cli(env, "connector", "test", "sales", check=False)
     assert (
