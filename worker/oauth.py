@@ -21,9 +21,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httpx2
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
-
 from outbox.connectors import oauth_scopes, token_url
 from outbox.resolve import Connector
 from outbox.secrets import client_secret_for
@@ -88,6 +85,11 @@ class TokenSource:
         assert url is not None and secret is not None
         self.fetches += 1
         scope = " ".join(oauth_scopes(c)) or None
+        # Imported here: Authlib and httpx2 take ~80 ms to import, a cost only processes that
+        # send through an oauth2 connector should pay (start-up matters for `run --until-idle`).
+        import httpx2
+        from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
+
         try:
             async with AsyncOAuth2Client(
                 client_id=c.oauth_client_id,

@@ -6,6 +6,7 @@ cancels, sends now and tests or resets connectors; `admin` also enables and disa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -25,8 +26,13 @@ ROLES = ("viewer", "operator", "admin")
 MIN_PASSWORD_LENGTH = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _HASHER = PasswordHasher()  # argon2id with the library's (RFC 9106 low-memory) parameters
-# Verified when the name is unknown, so a wrong name costs as long as a wrong password.
-_DUMMY_HASH = _HASHER.hash("not a password of anyone")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified when the name is unknown, so a wrong name costs as long as a wrong password.
+    Made on first use: hashing takes ~0.2 s, which every `outbox` command paid at import."""
+    return _HASHER.hash("not a password of anyone")
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def authenticate(conn: psycopg.Connection[Any], name: str, password: str) -> Use
     made with older parameters is upgraded on the way."""
     row = conn.execute(Q["user_by_name"], {"name": name}).fetchone()
     try:
-        _HASHER.verify(row[2] if row else _DUMMY_HASH, password)
+        _HASHER.verify(row[2] if row else _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
     if row is None:
