@@ -1,12 +1,29 @@
--- outbox-worker schema (schema "outbox").
+-- outbox-worker schema (schema "outbox"): the whole current schema in one file.
 --
--- Idempotent: applying it twice is harmless (`outbox db init` runs it in one transaction
--- under an advisory lock). Postgres is the single source of truth; Redis only carries
--- "row N is due" hints.
+-- Databases are created and upgraded by the numbered migrations in outbox/migrations/
+-- (`outbox db migrate`); this file is what applying all of them gives, kept for readers and
+-- for tools that want one script. tests/integration/test_migrations.py proves the two equal
+-- (catalogs compared). Adding a migration: see outbox/migrations/README.md (add the file,
+-- append the same change here, add its row to the schema_version INSERT below).
+--
+-- Idempotent: applying it twice is harmless. Postgres is the single source of truth; Redis
+-- only carries "row N is due" hints.
 
 SELECT pg_advisory_xact_lock(hashtext('outbox-worker schema'));
 
 CREATE SCHEMA IF NOT EXISTS outbox;
+
+-- Which migrations this database has had (outbox/migrations/NNNN_name.sql); its schema version
+-- is the highest. `outbox db migrate` creates this table the same way.
+CREATE TABLE IF NOT EXISTS outbox.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO outbox.schema_version (version, name) VALUES
+    (1, 'initial'),
+    (2, 'schema_version_grant')
+ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
 -- bypass Python). NUL cannot be stored in text anyway; CR and LF can.
@@ -712,6 +729,7 @@ BEGIN
             ON outbox.connector TO outbox_worker;
         GRANT INSERT ON outbox.attempt TO outbox_worker;
         GRANT SELECT, INSERT, UPDATE ON outbox.recipient TO outbox_worker;
+        GRANT SELECT ON outbox.schema_version TO outbox_worker;  -- 0002
     END IF;
 END
 $$;
