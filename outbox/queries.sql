@@ -296,24 +296,8 @@ SELECT (SELECT count(*) FROM doomed) AS messages,
 
 -- prune_batch --
 -- Delete one batch of finished messages and their history (short transaction; rows locked
--- by someone else are left for the next run).
-WITH doomed AS MATERIALIZED (
-    SELECT id FROM outbox.message
-     WHERE status IN ('sent', 'partial', 'failed', 'cancelled') AND updated_at < %(cutoff)s
-     ORDER BY updated_at
-     LIMIT %(batch)s
-       FOR UPDATE SKIP LOCKED),
-attempts AS (
-    DELETE FROM outbox.attempt a USING doomed d WHERE a.message_id = d.id RETURNING 1),
-recipients AS (
-    DELETE FROM outbox.recipient r USING doomed d WHERE r.message_id = d.id RETURNING 1),
-attachments AS (
-    DELETE FROM outbox.attachment x USING doomed d WHERE x.message_id = d.id RETURNING 1),
-messages AS (
-    DELETE FROM outbox.message m USING doomed d WHERE m.id = d.id RETURNING 1)
-SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM attempts) AS attempts,
-       (SELECT count(*) FROM recipients) AS recipients,
-       (SELECT count(*) FROM attachments) AS attachments;
+-- by someone else are left for the next run). The poller's retention uses the same function.
+SELECT * FROM outbox.delete_finished(%(cutoff)s, %(batch)s);
 
 -- attempts_last_hour --
 -- Attempts per connector and outcome over the last hour.

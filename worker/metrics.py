@@ -36,6 +36,11 @@ RETRIES = Counter(
     "Attempts that ended in an automatic retry being scheduled",
     ["connector"],
 )
+RETENTION_DELETED = Counter(
+    "outbox_retention_deleted_total",
+    "Rows deleted by automatic retention (retention-days, audit-retention-days)",
+    ["table"],
+)
 # Refreshed by the poller (at most every `metrics_refresh_seconds`) from one GROUP BY query.
 MESSAGES = Gauge("outbox_messages", "Messages in the outbox by status", ["status"])
 QUEUE_LAG = Gauge("outbox_queue_lag_seconds", "Age of the oldest due message (0 when none is due)")

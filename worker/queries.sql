@@ -250,3 +250,14 @@ SELECT count(*) FILTER (WHERE status = 'sent' AND updated_at >= %(since)s) AS se
        count(*) FILTER (WHERE status IN ('queued', 'retry')) AS waiting
   FROM outbox.message
  WHERE status IN ('queued', 'retry') OR updated_at >= %(since)s;
+
+-- retention_messages --
+-- Retention (retention-days): one batch of finished messages older than that, with their
+-- attempts, recipient results and attachments (the function `outbox prune` uses too).
+SELECT messages, attempts, recipients, attachments
+  FROM outbox.delete_finished(now() - make_interval(days => %(days)s), %(batch)s);
+
+-- retention_history --
+-- Retention (audit-retention-days): one batch of connector activity and operator audit rows.
+SELECT connector_events, audits
+  FROM outbox.delete_old_history(now() - make_interval(days => %(days)s), %(batch)s);
