@@ -9,8 +9,8 @@ import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from outbox import logs
-from outbox.report import STATUSES
 from outbox.sql import queries
+from outbox.statuses import STATUSES
 
 SENDS = Counter(
     "outbox_sends_total",
