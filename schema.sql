@@ -24,7 +24,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (1, 'initial'),
     (2, 'schema_version_grant'),
     (3, 'retention'),
-    (4, 'worker_reads_attempt_outcomes')
+    (4, 'worker_reads_attempt_outcomes'),
+    (5, 'bounded_lookups')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -808,3 +809,11 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Bounded lookups for the metrics gauges and connector_health (migration 0005).
+CREATE INDEX IF NOT EXISTS message_cancelled_idx
+    ON outbox.message (id) WHERE status = 'cancelled';
+CREATE INDEX IF NOT EXISTS attempt_connector_finished_idx
+    ON outbox.attempt (connector_id, finished_at);
+CREATE INDEX IF NOT EXISTS attempt_connector_error_idx
+    ON outbox.attempt (connector_id, finished_at) WHERE outcome NOT IN ('sent', 'held');
