@@ -1,12 +1,32 @@
--- outbox-worker schema (schema "outbox").
+-- outbox-worker schema (schema "outbox"): the whole current schema in one file.
 --
--- Idempotent: applying it twice is harmless (`outbox db init` runs it in one transaction
--- under an advisory lock). Postgres is the single source of truth; Redis only carries
--- "row N is due" hints.
+-- Databases are created and upgraded by the numbered migrations in outbox/migrations/
+-- (`outbox db migrate`); this file is what applying all of them gives, kept for readers and
+-- for tools that want one script. tests/integration/test_migrations.py proves the two equal
+-- (catalogs compared). Adding a migration: see outbox/migrations/README.md (add the file,
+-- append the same change here, add its row to the schema_version INSERT below).
+--
+-- Idempotent: applying it twice is harmless. Postgres is the single source of truth; Redis
+-- only carries "row N is due" hints.
 
 SELECT pg_advisory_xact_lock(hashtext('outbox-worker schema'));
 
 CREATE SCHEMA IF NOT EXISTS outbox;
+
+-- Which migrations this database has had (outbox/migrations/NNNN_name.sql); its schema version
+-- is the highest. `outbox db migrate` creates this table the same way.
+CREATE TABLE IF NOT EXISTS outbox.schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO outbox.schema_version (version, name) VALUES
+    (1, 'initial'),
+    (2, 'schema_version_grant'),
+    (3, 'retention'),
+    (4, 'worker_reads_attempt_outcomes'),
+    (5, 'bounded_lookups')
+ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
 -- bypass Python). NUL cannot be stored in text anyway; CR and LF can.
@@ -713,6 +733,88 @@ BEGIN
         GRANT SELECT, INSERT ON outbox.attempt TO outbox_worker;  -- the reaper counts earlier losses
         GRANT INSERT ON outbox.connector_event TO outbox_worker;  -- "backing off", with the reason
         GRANT SELECT, INSERT, UPDATE ON outbox.recipient TO outbox_worker;
+        GRANT SELECT ON outbox.schema_version TO outbox_worker;  -- 0002
     END IF;
 END
 $$;
+
+-- ==========================================================================================
+-- Retention (migration 0003).
+-- ==========================================================================================
+-- Automatic retention: finished messages (with their attempts, recipient results and
+-- attachments) older than `retention-days`, and connector_event / operator_audit rows older
+-- than `audit-retention-days`, are deleted by the poller in small batches. 0 keeps forever.
+ALTER TABLE outbox.settings ADD COLUMN IF NOT EXISTS retention_days integer NOT NULL DEFAULT 0;
+ALTER TABLE outbox.settings ADD COLUMN IF NOT EXISTS audit_retention_days integer NOT NULL DEFAULT 0;
+DO $$
+BEGIN
+    ALTER TABLE outbox.settings ADD CONSTRAINT settings_retention_days_not_negative
+        CHECK (retention_days >= 0 AND audit_retention_days >= 0);
+EXCEPTION WHEN duplicate_object THEN NULL;
+END
+$$;
+CREATE INDEX IF NOT EXISTS connector_event_at_idx ON outbox.connector_event (at);
+
+-- One batch of finished messages last changed before `cutoff`, with their history: the oldest
+-- first, rows locked by someone else left for the next batch. Used by `outbox prune` and by
+-- the poller's retention. SECURITY DEFINER: the poller's role (`outbox_worker`) may delete
+-- finished messages this way and no other.
+CREATE OR REPLACE FUNCTION outbox.delete_finished(cutoff timestamptz, batch integer)
+RETURNS TABLE (messages bigint, attempts bigint, recipients bigint, attachments bigint)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+WITH doomed AS MATERIALIZED (
+    SELECT id FROM outbox.message
+     WHERE status IN ('sent', 'partial', 'failed', 'cancelled') AND updated_at < cutoff
+     ORDER BY updated_at
+     LIMIT batch
+       FOR UPDATE SKIP LOCKED),
+a AS (DELETE FROM outbox.attempt a USING doomed d WHERE a.message_id = d.id RETURNING 1),
+r AS (DELETE FROM outbox.recipient r USING doomed d WHERE r.message_id = d.id RETURNING 1),
+x AS (DELETE FROM outbox.attachment x USING doomed d WHERE x.message_id = d.id RETURNING 1),
+m AS (DELETE FROM outbox.message m USING doomed d WHERE m.id = d.id RETURNING 1)
+SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM a), (SELECT count(*) FROM r),
+       (SELECT count(*) FROM x)
+$$;
+
+-- One batch of connector activity and operator audit rows older than `cutoff`.
+CREATE OR REPLACE FUNCTION outbox.delete_old_history(cutoff timestamptz, batch integer)
+RETURNS TABLE (connector_events bigint, audits bigint)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+WITH e AS (
+    DELETE FROM outbox.connector_event WHERE id IN (
+        SELECT id FROM outbox.connector_event WHERE at < cutoff ORDER BY at LIMIT batch)
+    RETURNING 1),
+o AS (
+    DELETE FROM outbox.operator_audit WHERE id IN (
+        SELECT id FROM outbox.operator_audit WHERE at < cutoff ORDER BY at LIMIT batch)
+    RETURNING 1)
+SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM o)
+$$;
+REVOKE ALL ON FUNCTION outbox.delete_finished(timestamptz, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox.delete_old_history(timestamptz, integer) FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
+        GRANT EXECUTE ON FUNCTION outbox.delete_finished(timestamptz, integer),
+                                  outbox.delete_old_history(timestamptz, integer)
+            TO outbox_worker;
+    END IF;
+END
+$$;
+
+-- The lease reaper, as outbox_worker, reads earlier outcomes of a message (migration 0004).
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
+        GRANT SELECT (message_id, outcome, phase) ON outbox.attempt TO outbox_worker;
+    END IF;
+END
+$$;
+
+-- Bounded lookups for the metrics gauges and connector_health (migration 0005).
+CREATE INDEX IF NOT EXISTS message_cancelled_idx
+    ON outbox.message (id) WHERE status = 'cancelled';
+CREATE INDEX IF NOT EXISTS attempt_connector_finished_idx
+    ON outbox.attempt (connector_id, finished_at);
+CREATE INDEX IF NOT EXISTS attempt_connector_error_idx
+    ON outbox.attempt (connector_id, finished_at) WHERE outcome NOT IN ('sent', 'held');

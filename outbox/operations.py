@@ -22,12 +22,10 @@ from psycopg.types.json import Jsonb
 from outbox import connectors
 from outbox.errors import NotFoundError, ValidationError
 from outbox.sql import queries
+from outbox.statuses import FINISHED, IN_FLIGHT, WAITING
 
 Q = queries("outbox")
 
-FINISHED = ("sent", "partial", "failed", "cancelled")
-IN_FLIGHT = ("dispatched", "sending")
-WAITING = ("queued", "retry", "held")
 # What replay takes without being told: the statuses that need a human.
 REPLAY_DEFAULT = ("failed", "partial")
 # `sent` needs --force; `cancelled` only when named (by id or --status cancelled).

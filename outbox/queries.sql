@@ -296,24 +296,8 @@ SELECT (SELECT count(*) FROM doomed) AS messages,
 
 -- prune_batch --
 -- Delete one batch of finished messages and their history (short transaction; rows locked
--- by someone else are left for the next run).
-WITH doomed AS MATERIALIZED (
-    SELECT id FROM outbox.message
-     WHERE status IN ('sent', 'partial', 'failed', 'cancelled') AND updated_at < %(cutoff)s
-     ORDER BY updated_at
-     LIMIT %(batch)s
-       FOR UPDATE SKIP LOCKED),
-attempts AS (
-    DELETE FROM outbox.attempt a USING doomed d WHERE a.message_id = d.id RETURNING 1),
-recipients AS (
-    DELETE FROM outbox.recipient r USING doomed d WHERE r.message_id = d.id RETURNING 1),
-attachments AS (
-    DELETE FROM outbox.attachment x USING doomed d WHERE x.message_id = d.id RETURNING 1),
-messages AS (
-    DELETE FROM outbox.message m USING doomed d WHERE m.id = d.id RETURNING 1)
-SELECT (SELECT count(*) FROM messages) AS messages, (SELECT count(*) FROM attempts) AS attempts,
-       (SELECT count(*) FROM recipients) AS recipients,
-       (SELECT count(*) FROM attachments) AS attachments;
+-- by someone else are left for the next run). The poller's retention uses the same function.
+SELECT * FROM outbox.delete_finished(%(cutoff)s, %(batch)s);
 
 -- attempts_last_hour --
 -- Attempts per connector and outcome over the last hour.
@@ -323,8 +307,28 @@ SELECT coalesce(a.connector_name, c.name) AS connector, a.outcome, count(*) AS n
  GROUP BY 1, 2 ORDER BY 1 NULLS FIRST, 2;
 
 -- status_gauges --
--- Messages per status and the age of the oldest due message, in one scan (metrics).
-SELECT status, count(*) AS n,
-       extract(epoch FROM now() - min(next_attempt_at)
-               FILTER (WHERE status IN ('queued', 'retry') AND next_attempt_at <= now())) AS lag_seconds
-  FROM outbox.message GROUP BY status;
+-- Messages per status and the age of the oldest due message (metrics) without reading the whole
+-- table: every status but `sent` is counted exactly through a partial index (work in progress is
+-- bounded by the backlog, finished problems by retention); `sent`, the bulk of a big table, is
+-- the table's row estimate (pg_class.reltuples, kept by autovacuum) less those counts, and
+-- counted exactly while the table is small (under 100,000 rows by that estimate).
+WITH counted AS MATERIALIZED (
+    SELECT status, count(*) AS n FROM outbox.message WHERE status IN ('queued', 'retry') GROUP BY status
+    UNION ALL
+    SELECT status, count(*) FROM outbox.message WHERE status IN ('dispatched', 'sending') GROUP BY status
+    UNION ALL
+    SELECT status, count(*) FROM outbox.message WHERE status IN ('held', 'failed', 'partial') GROUP BY status
+    UNION ALL
+    SELECT 'cancelled', count(*) FROM outbox.message WHERE status = 'cancelled'),
+estimate AS (
+    SELECT reltuples::bigint AS rows FROM pg_class WHERE oid = 'outbox.message'::regclass),
+lag AS (
+    SELECT extract(epoch FROM now() - min(next_attempt_at)) AS seconds FROM outbox.message
+     WHERE status IN ('queued', 'retry') AND next_attempt_at <= now())
+SELECT c.status, c.n, lag.seconds AS lag_seconds FROM counted c, lag
+UNION ALL
+SELECT 'sent',
+       CASE WHEN e.rows < 100000 THEN (SELECT count(*) FROM outbox.message WHERE status = 'sent')
+            ELSE greatest(e.rows - (SELECT sum(n) FROM counted), 0)::bigint END,
+       lag.seconds
+  FROM estimate e, lag;

@@ -11,19 +11,9 @@ from psycopg.rows import dict_row
 from outbox import settings as runtime_settings
 from outbox.errors import NotFoundError
 from outbox.sql import queries
+from outbox.statuses import STATUSES
 
 Q = queries("outbox")
-STATUSES = (
-    "queued",
-    "dispatched",
-    "sending",
-    "retry",
-    "held",
-    "sent",
-    "partial",
-    "failed",
-    "cancelled",
-)
 
 
 def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:

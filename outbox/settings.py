@@ -47,6 +47,14 @@ class Settings(BaseModel):
     override_to: list[str] = Field([], description="test environments: all mail goes only to these")
     override_cc: list[str] = Field([], description="test environments, like override-to")
     override_bcc: list[str] = Field([], description="test environments, like override-to")
+    retention_days: int = Field(
+        0, ge=0, description="delete finished messages and their history after this many days; 0 keeps them"
+    )
+    audit_retention_days: int = Field(
+        0,
+        ge=0,
+        description="delete connector activity and operator audit rows after this many days; 0 keeps",
+    )
 
     @field_validator("unmonitored_address")
     @classmethod

@@ -1,6 +1,7 @@
 """Fixtures against the real services: a fresh Postgres database per test (cloned from a
-template built once from schema.sql), a Redis key namespace per test, SMTP servers in the
-test process, and the pipeline (poller + Dramatiq worker) driven to a condition."""
+template built once by the migrations, as `outbox db migrate` does), a Redis key namespace per
+test, SMTP servers in the test process, and the pipeline (poller + Dramatiq worker) driven to a
+condition."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import redis
 import trustme
 
 from outbox.config import Config
-from outbox.sql import schema_sql
+from outbox.migrate import migrate
 from tests.smtp import Authenticator, Server, start_server
 
 PG_ADMIN = os.environ.get("OUTBOX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -37,8 +38,8 @@ def template_db() -> Iterator[str]:
     name = f"outbox_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    with psycopg.connect(_url(name)) as conn:
-        conn.execute(schema_sql())  # type: ignore[arg-type]
+    with psycopg.connect(_url(name), autocommit=True) as conn:
+        migrate(conn)
     yield name
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

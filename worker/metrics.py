@@ -9,8 +9,8 @@ import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from outbox import logs
-from outbox.report import STATUSES
 from outbox.sql import queries
+from outbox.statuses import STATUSES
 
 SENDS = Counter(
     "outbox_sends_total",
@@ -36,7 +36,13 @@ RETRIES = Counter(
     "Attempts that ended in an automatic retry being scheduled",
     ["connector"],
 )
-# Refreshed by the poller (at most every `metrics_refresh_seconds`) from one GROUP BY query.
+RETENTION_DELETED = Counter(
+    "outbox_retention_deleted_total",
+    "Rows deleted by automatic retention (retention-days, audit-retention-days)",
+    ["table"],
+)
+# Refreshed by the poller (at most every `metrics_refresh_seconds`) from partial indexes; `sent`
+# on a big table is an estimate (see `status_gauges` in outbox/queries.sql).
 MESSAGES = Gauge("outbox_messages", "Messages in the outbox by status", ["status"])
 QUEUE_LAG = Gauge("outbox_queue_lag_seconds", "Age of the oldest due message (0 when none is due)")
 
@@ -63,7 +69,7 @@ def serve(port: int | None, host: str = "127.0.0.1") -> None:
 
 def refresh_gauges(conn: psycopg.Connection[Any], every: float = 10.0) -> None:
     """Messages by status and the queue lag, at most once per `every` seconds, and only
-    when this process serves metrics (one GROUP BY over outbox.message)."""
+    when this process serves metrics (bounded index lookups, never a scan of the table)."""
     global _last_refresh
     now = time.monotonic()
     if not _serving or now - _last_refresh < every:

@@ -144,3 +144,43 @@ def unbuildable(recipients: list[str], reason: str) -> Decision:
     """A message whose row cannot be built into MIME fails at once: building it again would
     give the same error, and trying would spend attempts and time for nothing."""
     return Decision("failed", None, dict.fromkeys(recipients, "failed"), True, reason[:2000], "failed")
+
+
+# Phases a lease renewal records before any SMTP progress: the worker had claimed the row, or
+# waited for its connector. A message lost there gives its attempt back, twice at most.
+UNSTARTED_PHASES = ("claimed", "waiting")
+REFUNDS_AT_MOST = 2
+
+
+@dataclass(frozen=True)
+class LeaseExpiry:
+    status: str  # the row's next status
+    attempts: int  # its attempt count afterwards
+    outcome: str | None  # the attempt row written (None: a dispatched row had no attempt)
+    refund: bool  # the attempt was given back
+
+
+def after_lease_expired(
+    *, was: str, phase: str | None, attempts: int, earlier_refunds: int, settings: Settings
+) -> LeaseExpiry:
+    """What becomes of a row whose lease expired (its worker, or Redis, was lost). The poller's
+    `reap_expired` statement applies this to many rows at once, in SQL;
+    tests/integration/test_vocabulary.py checks it against this function case by case.
+
+    A `sending` row lost before its worker recorded SMTP progress gives its attempt back (at most
+    REFUNDS_AT_MOST times per message); lost after DATA began it is ambiguous (failed for an
+    operator under `ambiguous_policy` hold); otherwise it retries while attempts remain."""
+    sending = was == "sending"
+    ambiguous = sending and phase in ("data", "dot")
+    refund = sending and phase in UNSTARTED_PHASES and attempts > 0 and earlier_refunds < REFUNDS_AT_MOST
+    left = attempts - int(refund)
+    if (ambiguous and settings.ambiguous_policy == "hold") or (
+        sending and not refund and left >= settings.max_attempts
+    ):
+        status = "failed"
+    elif left == 0:
+        status = "queued"
+    else:
+        status = "retry"
+    outcome = ("ambiguous" if ambiguous else "lease-expired") if sending else None
+    return LeaseExpiry(status, left, outcome, refund)

@@ -24,7 +24,8 @@ RETURNING m.id, m.lease_token::text;
 -- (phase 'claimed', or 'waiting' for its connector as lease renewals record): that attempt is
 -- given back, twice at most per message, so one that kills its worker every time still runs
 -- out. Lost after DATA began it is ambiguous (the server may have it): retried, or failed for
--- an operator when ambiguous_policy is 'hold'.
+-- an operator when ambiguous_policy is 'hold'. The rule is worker/policy.py `after_lease_expired`;
+-- tests/integration/test_vocabulary.py checks this statement against it case by case.
 WITH lost AS MATERIALIZED (
     SELECT id, status AS was, phase AS was_phase, attempts, connector_id,
            status = 'sending' AND phase IN ('data', 'dot') AS ambiguous,
@@ -256,3 +257,14 @@ SELECT count(*) FILTER (WHERE status = 'sent' AND updated_at >= %(since)s) AS se
        count(*) FILTER (WHERE status IN ('queued', 'retry')) AS waiting
   FROM outbox.message
  WHERE status IN ('queued', 'retry') OR updated_at >= %(since)s;
+
+-- retention_messages --
+-- Retention (retention-days): one batch of finished messages older than that, with their
+-- attempts, recipient results and attachments (the function `outbox prune` uses too).
+SELECT messages, attempts, recipients, attachments
+  FROM outbox.delete_finished(now() - make_interval(days => %(days)s), %(batch)s);
+
+-- retention_history --
+-- Retention (audit-retention-days): one batch of connector activity and operator audit rows.
+SELECT connector_events, audits
+  FROM outbox.delete_old_history(now() - make_interval(days => %(days)s), %(batch)s);

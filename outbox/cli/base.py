@@ -127,3 +127,17 @@ def cli(log_level: str, log_format: str, group_database_url: str | None) -> None
     if group_database_url:
         # `outbox --database-url URL status` as well as `outbox status --database-url URL`
         os.environ["OUTBOX_DATABASE_URL"] = group_database_url
+
+
+def require_current_schema(database_url: str) -> None:
+    """Refuse to start a long-running process on a schema that needs migrating or is newer than
+    this code (one line, exit 1). An unreachable database is left to the process, which keeps
+    retrying it; the check is made when it starts while Postgres is up."""
+    from outbox import migrate
+
+    try:
+        conn = psycopg.connect(database_url, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError:
+        return
+    with conn:
+        migrate.check(conn)

@@ -12,6 +12,7 @@ from outbox.cli.base import (
     check_redis_url_option,
     cli,
     db_option,
+    require_current_schema,
 )
 from outbox.config import Config
 
@@ -106,7 +107,9 @@ def run(until_idle: bool, **flags: Any) -> None:
     """Poller and workers together, for one machine."""
     from worker.runner import run_all
 
-    sys.exit(run_all(_config(**flags), until_idle=until_idle))
+    config = _config(**flags)
+    require_current_schema(config.database_url)
+    sys.exit(run_all(config, until_idle=until_idle))
 
 
 @cli.command("poll")
@@ -115,7 +118,9 @@ def poll(**flags: Any) -> None:
     """Only the poller: claim due rows and hand them to the broker."""
     from worker.runner import run_poller_process
 
-    run_poller_process(_config(**flags))
+    config = _config(**flags)
+    require_current_schema(config.database_url)
+    run_poller_process(config)
 
 
 @cli.command("worker")
@@ -125,7 +130,9 @@ def worker_cmd(**flags: Any) -> None:
     """Only workers: consume the broker queue and send mail."""
     from worker.runner import run_all_workers
 
-    sys.exit(run_all_workers(_config(**flags)))
+    config = _config(**flags)
+    require_current_schema(config.database_url)
+    sys.exit(run_all_workers(config))
 
 
 @cli.command("catcher")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from outbox.cli.base import cli, db_option
+from outbox.cli.base import cli, db_option, require_current_schema
 
 
 @cli.command("web")
@@ -27,4 +27,5 @@ def web(host: str, port: int, database_url: str) -> None:
     localhost (forwarded headers are trusted from 127.0.0.1 only)."""
     from outbox.web.app import serve
 
+    require_current_schema(database_url)
     serve(database_url, host=host, port=port)

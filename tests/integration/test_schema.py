@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 import outbox
+from outbox.migrate import migrations
 from outbox.sql import schema_sql
 
 MINIMAL = "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body) VALUES (%s, %s, %s, %s)"
@@ -192,6 +193,8 @@ def test_wheel_carries_schema_sql(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "outbox/schema.sql" in names and "outbox/queries.sql" in names and "worker/queries.sql" in names
     assert zipfile.ZipFile(wheel).read("outbox/schema.sql").decode() == schema_sql()
+    shipped = {n.removeprefix("outbox/migrations/") for n in names if n.startswith("outbox/migrations/")}
+    assert {f"{m.label}.sql" for m in migrations()} <= shipped
 
 
 def test_db_init_upgrades_an_older_database(db):
