@@ -25,7 +25,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (2, 'schema_version_grant'),
     (3, 'retention'),
     (4, 'worker_reads_attempt_outcomes'),
-    (5, 'bounded_lookups')
+    (5, 'bounded_lookups'),
+    (6, 'worker_connector_events')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -730,8 +731,7 @@ BEGIN
         GRANT SELECT ON outbox.attachment, outbox.settings, outbox.connector TO outbox_worker;
         GRANT UPDATE (failures, backoff_until, last_error, last_error_at)
             ON outbox.connector TO outbox_worker;
-        GRANT SELECT, INSERT ON outbox.attempt TO outbox_worker;  -- the reaper counts earlier losses
-        GRANT INSERT ON outbox.connector_event TO outbox_worker;  -- "backing off", with the reason
+        GRANT INSERT ON outbox.attempt TO outbox_worker;
         GRANT SELECT, INSERT, UPDATE ON outbox.recipient TO outbox_worker;
         GRANT SELECT ON outbox.schema_version TO outbox_worker;  -- 0002
     END IF;
@@ -818,3 +818,12 @@ CREATE INDEX IF NOT EXISTS attempt_connector_finished_idx
     ON outbox.attempt (connector_id, finished_at);
 CREATE INDEX IF NOT EXISTS attempt_connector_error_idx
     ON outbox.attempt (connector_id, finished_at) WHERE outcome NOT IN ('sent', 'held');
+
+-- Workers record a connector's backoff in its activity history (migration 0006).
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
+        GRANT INSERT ON outbox.connector_event TO outbox_worker;
+    END IF;
+END
+$$;
