@@ -411,6 +411,8 @@ def update(
                 for k in changed
             },
         )
+        if "limits" in changed:  # what waited for the old limits goes by the new ones
+            conn.execute(Q["release_limit_waits"], {"id": current.id})
         backoff = _reset_backoff(conn, current, by="update", actor=actor)
     return Updated(changed, backoff)
 

@@ -138,6 +138,14 @@ reset AS (
     RETURNING id)
 SELECT (SELECT id FROM reset) AS reset, array(SELECT id FROM released ORDER BY id) AS released;
 
+-- release_limit_waits --
+-- A connector's limits changed: the messages given back to wait for them (phase 'waiting',
+-- not yet due) are due now; the worker applies the new limits to them.
+UPDATE outbox.message
+   SET next_attempt_at = now(), updated_at = now()
+ WHERE connector_id = %(id)s AND status IN ('queued', 'retry') AND phase = 'waiting'
+   AND next_attempt_at > now();
+
 -- insert_connector_event --
 -- Activity history of a connector.
 INSERT INTO outbox.connector_event (connector_id, connector_name, action, actor, detail)

@@ -55,6 +55,8 @@ class Outcome:
     seconds: float = 0.0
     # Not tried: the connector was resting after this failure of an earlier message.
     rested_after: str | None = None
+    # Not sent: `admit` refused it (its connector's rate limit has no slot soon enough).
+    not_admitted: bool = False
 
     @property
     def summary(self) -> str:
@@ -299,9 +301,13 @@ class ConnectorPool:
         content: bytes,
         before_data: Callable[[], Awaitable[bool]] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        admit: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Send one message to `recipients`; never raises for SMTP or network trouble.
-        `on_phase` hears each phase as it starts ("waiting" while queued for a session)."""
+        `on_phase` hears each phase as it starts ("waiting" while queued for a session).
+        `admit` (the connector's rate limit) is asked once a session is ready, just before
+        MAIL, so a paced message goes out when its slot says, not a connection setup later;
+        False sends nothing (`not_admitted`)."""
         started = time.monotonic()
         outcome = Outcome()
 
@@ -323,6 +329,11 @@ class ConnectorPool:
                 try:
                     if client is None or not client.is_connected:
                         client = await self.open(phase)
+                    if admit is not None:
+                        admitted, admit = await admit(), None  # asked once per message
+                        if not admitted:
+                            outcome.not_admitted = True
+                            break
                     async with ReplyTimer(self.timeout) as timer:
                         await self._transaction(
                             client, sender, recipients, content, outcome, phase, timer, before_data
