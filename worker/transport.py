@@ -181,6 +181,7 @@ class ConnectorPool:
         self.dot_timeout = dot_timeout
         self._slots = asyncio.Semaphore(connector.max_connections)
         self._idle: list[SMTP] = []
+        self._used: dict[int, int] = {}  # transactions per open session (id of its client)
         self._ctx: ssl.SSLContext | None = None
         self._tripped: str | None = None  # the problem, until the backoff's end is known
         self._rest_until: datetime | None = None
@@ -329,6 +330,7 @@ class ConnectorPool:
                 try:
                     if client is None or not client.is_connected:
                         client = await self.open(phase)
+                        self._used.pop(id(client), None)  # a new session: none used yet
                     if admit is not None:
                         admitted, admit = await admit(), None  # asked once per message
                         if not admitted:
@@ -349,11 +351,33 @@ class ConnectorPool:
                         continue
                 break
             if client is not None and client.is_connected:
-                self._idle.append(client)
+                if self._spent(client):  # --max-messages-per-connection: a fresh session next
+                    await self._quit(client)
+                else:
+                    self._idle.append(client)
             if is_connector_problem(outcome.phase, outcome.verdicts, False) and self._tripped is None:
                 self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _spent(self, client: SMTP) -> bool:
+        """Count one more transaction on this session; True once it has had the connector's
+        `max_messages_per_connection`."""
+        cap = self.connector.max_messages_per_connection
+        if cap is None:
+            return False
+        used = self._used.get(id(client), 0) + 1
+        if used >= cap:
+            self._used.pop(id(client), None)
+            return True
+        self._used[id(client)] = used
+        return False
+
+    @staticmethod
+    async def _quit(client: SMTP) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(Replies.of(client).command(b"QUIT"), timeout=2)
+        client.close()
 
     def _rested(self, outcome: Outcome, problem: str, recipients: Sequence[str]) -> None:
         outcome.phase, outcome.rested_after = "connect", problem
@@ -543,10 +567,7 @@ class ConnectorPool:
 
     async def aclose(self) -> None:
         while self._idle:
-            client = self._idle.pop()
-            with contextlib.suppress(Exception):  # its replies are read by `Replies` by now
-                await asyncio.wait_for(Replies.of(client).command(b"QUIT"), timeout=2)
-            client.close()
+            await self._quit(self._idle.pop())  # its replies are read by `Replies` by now
 
 
 class Transport:
