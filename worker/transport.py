@@ -326,6 +326,7 @@ class ConnectorPool:
                 outcome.seconds = time.monotonic() - started
                 return outcome
             client = self._idle.pop() if self._idle else None
+            current, done = list(recipients), 0
             for reused in (client is not None, False):
                 try:
                     if client is None or not client.is_connected:
@@ -336,16 +337,22 @@ class ConnectorPool:
                         if not admitted:
                             outcome.not_admitted = True
                             break
-                    async with ReplyTimer(self.timeout) as timer:
-                        await self._transaction(
-                            client, sender, recipients, content, outcome, phase, timer, before_data
-                        )
+                    # --max-recipients: one transaction per group of recipients, same content
+                    for i, group in enumerate(self._groups(recipients)):
+                        done, current = i, group  # groups finished before this one
+                        async with ReplyTimer(self.timeout) as timer:
+                            await self._transaction(
+                                client, sender, group, content, outcome, phase, timer, before_data
+                            )
                 except Exception as exc:  # network, TLS, protocol: recorded, never raised
-                    self._fail(outcome, exc, recipients)
+                    self._fail(outcome, exc, current)  # earlier groups keep their verdicts
+                    for r in recipients[recipients.index(current[-1]) + 1 :]:
+                        outcome.verdicts.setdefault(r, Verdict.TRANSIENT)  # groups not reached
+                        outcome.replies.setdefault(r, (outcome.code, outcome.reply or outcome.error))
                     if client is not None:
                         client.close()
                     client = None
-                    if reused and outcome.phase == "mail" and outcome.code in (None, 421):
+                    if reused and not done and outcome.phase == "mail" and outcome.code in (None, 421):
                         # A pooled session the server had dropped: nothing was sent yet.
                         outcome = Outcome()
                         continue
@@ -359,6 +366,10 @@ class ConnectorPool:
                 self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _groups(self, recipients: Sequence[str]) -> list[list[str]]:
+        cap = self.connector.max_recipients or len(recipients) or 1
+        return [list(recipients[i : i + cap]) for i in range(0, len(recipients), cap)]
 
     def _spent(self, client: SMTP) -> bool:
         """Count one more transaction on this session; True once it has had the connector's

@@ -168,3 +168,25 @@ def test_max_messages_per_connection_starts_a_new_session(db, smtp, pipeline):
         pipeline.until_status(msg, "sent")
     assert len(smtp.recorder.received) == 7
     assert smtp.recorder.sessions == 3  # 3 + 3 + 1
+
+
+def test_max_recipients_3_sends_7_recipients_as_3_3_1_with_one_message_id(db, smtp, pipeline):
+    add_gateway(db, smtp, max_recipients=3)
+    smtp.recorder.script_rcpt("r5@example.org", "451 4.3.0 busy", "250 OK")  # retried alone
+    to = [f"r{i}@example.org" for i in range(7)]
+    with db.transaction():
+        msg = outbox.enqueue(db, from_addr="a@example.com", to=to, subject="s", text="t")
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.5")
+    pipeline.until_status(msg, "sent", timeout=30)
+    got = smtp.recorder.received
+    assert [r.rcpt_tos for r in got] == [
+        to[0:3],
+        ["r3@example.org", "r4@example.org"],
+        ["r6@example.org"],
+        ["r5@example.org"],
+    ]
+    assert len({r.message_id for r in got}) == 1
+    statuses = dict(
+        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg]).fetchall()
+    )
+    assert statuses == dict.fromkeys(to, "sent")
