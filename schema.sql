@@ -26,7 +26,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (3, 'retention'),
     (4, 'worker_reads_attempt_outcomes'),
     (5, 'bounded_lookups'),
-    (6, 'worker_connector_events')
+    (6, 'worker_connector_events'),
+    (7, 'provider_limits')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -825,5 +826,34 @@ BEGIN
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
         GRANT INSERT ON outbox.connector_event TO outbox_worker;
     END IF;
+END
+$$;
+
+-- Provider limits (migration 0007) ------------------------------------------------------
+-- Per connector: rate limits as canonical 'N/unit' strings (unit s, min, h or day; every one
+-- applies: at most N messages over any interval of that length, across all workers), the
+-- most envelope recipients per SMTP transaction and the most messages per SMTP session
+-- (NULL: no limit). `--max-connections` is the existing max_connections column.
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS rate_limits text[] NOT NULL DEFAULT '{}';
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS max_recipients integer;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS max_messages_per_connection integer;
+DO $$
+BEGIN
+    BEGIN
+        ALTER TABLE outbox.connector ADD CONSTRAINT connector_rate_limits_valid CHECK (
+            array_position(rate_limits, NULL) IS NULL
+            AND array_to_string(rate_limits, ',') ~ '^([1-9][0-9]{0,8}/(s|min|h|day)(,|$))*$');
+    EXCEPTION WHEN duplicate_object THEN NULL;
+    END;
+    BEGIN
+        ALTER TABLE outbox.connector ADD CONSTRAINT connector_max_recipients_positive
+            CHECK (max_recipients IS NULL OR max_recipients >= 1);
+    EXCEPTION WHEN duplicate_object THEN NULL;
+    END;
+    BEGIN
+        ALTER TABLE outbox.connector ADD CONSTRAINT connector_max_messages_per_connection_positive
+            CHECK (max_messages_per_connection IS NULL OR max_messages_per_connection >= 1);
+    EXCEPTION WHEN duplicate_object THEN NULL;
+    END;
 END
 $$;

@@ -14,7 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from outbox import secrets
+from outbox import limits, secrets
 from outbox.errors import ConfigurationError, NotFoundError, ValidationError
 from outbox.message import check_address
 from outbox.resolve import OUTBOUND, Connector, resolve
@@ -98,6 +98,9 @@ class NewConnector:
     oauth_tenant: str | None = None
     oauth_token_url: str | None = None
     oauth_scopes: tuple[str, ...] = ()
+    rate_limits: tuple[str, ...] = ()
+    max_recipients: int | None = None
+    max_messages_per_connection: int | None = None
 
 
 def _validate(new: NewConnector) -> dict[str, Any]:
@@ -163,6 +166,24 @@ def _validate(new: NewConnector) -> dict[str, Any]:
         "is_default_gateway": new.default_gateway,
         "max_connections": new.max_connections,
         "timeout_seconds": new.timeout_seconds,
+        **_validate_limits(new),
+    }
+
+
+def _validate_limits(new: NewConnector) -> dict[str, Any]:
+    """Provider limits as stored: rate limits canonical (`30/min`), caps positive or None."""
+    if not 1 <= new.max_connections <= 100:
+        raise ValidationError("--max-connections must be between 1 and 100")
+    for flag, value in (
+        ("--max-recipients", new.max_recipients),
+        ("--max-messages-per-connection", new.max_messages_per_connection),
+    ):
+        if value is not None and value < 1:
+            raise ValidationError(f"{flag} must be at least 1 (or none)")
+    return {
+        "rate_limits": [str(r) for r in limits.parse_rates(new.rate_limits)],
+        "max_recipients": new.max_recipients,
+        "max_messages_per_connection": new.max_messages_per_connection,
     }
 
 
@@ -314,6 +335,9 @@ UPDATABLE = (
     "timeout_seconds",
     "auth",
     *OAUTH_FIELDS,
+    "rate_limits",
+    "max_recipients",
+    "max_messages_per_connection",
 )
 
 
@@ -387,6 +411,8 @@ def update(
                 for k in changed
             },
         )
+        if "limits" in changed:  # what waited for the old limits goes by the new ones
+            conn.execute(Q["release_limit_waits"], {"id": current.id})
         backoff = _reset_backoff(conn, current, by="update", actor=actor)
     return Updated(changed, backoff)
 
@@ -619,7 +645,25 @@ def describe(c: Connector) -> dict[str, Any]:
         "backoff_until": c.backoff_until,
         "last_error": c.last_error,
         "last_error_at": c.last_error_at,
+        "limits": limits_of(c),
     }
+
+
+def limits_of(c: Connector) -> dict[str, Any]:
+    """A connector's provider limits, for listings (`connector list --json`)."""
+    return {
+        "rate_limits": list(c.rate_limits),
+        "max_connections": c.max_connections,
+        "max_recipients": c.max_recipients,
+        "max_messages_per_connection": c.max_messages_per_connection,
+    }
+
+
+def limits_summary(c: Connector) -> str:
+    """The limits in one cell: `30/min 10000/day conn 4 rcpt 500`."""
+    return limits.summary(
+        limits.parse_rates(c.rate_limits), c.max_connections, c.max_recipients, c.max_messages_per_connection
+    )
 
 
 def health(c: Connector) -> str:

@@ -60,12 +60,13 @@ INSERT INTO outbox.connector (
     name, direction, address, aliases, host, port, security, username, password_env,
     password_enc, ca_file, enabled, is_default_gateway, max_connections, timeout_seconds,
     auth, oauth_client_id, oauth_client_secret_env, oauth_client_secret_enc, oauth_tenant,
-    oauth_token_url, oauth_scopes)
+    oauth_token_url, oauth_scopes, rate_limits, max_recipients, max_messages_per_connection)
 VALUES (%(name)s, %(direction)s, %(address)s, %(aliases)s, %(host)s, %(port)s, %(security)s,
         %(username)s, %(password_env)s, %(password_enc)s, %(ca_file)s, %(enabled)s,
         %(is_default_gateway)s, %(max_connections)s, %(timeout_seconds)s, %(auth)s,
         %(oauth_client_id)s, %(oauth_client_secret_env)s, %(oauth_client_secret_enc)s,
-        %(oauth_tenant)s, %(oauth_token_url)s, %(oauth_scopes)s)
+        %(oauth_tenant)s, %(oauth_token_url)s, %(oauth_scopes)s, %(rate_limits)s,
+        %(max_recipients)s, %(max_messages_per_connection)s)
 RETURNING id;
 
 -- update_connector --
@@ -79,6 +80,8 @@ UPDATE outbox.connector
        oauth_client_secret_env = %(oauth_client_secret_env)s,
        oauth_client_secret_enc = %(oauth_client_secret_enc)s, oauth_tenant = %(oauth_tenant)s,
        oauth_token_url = %(oauth_token_url)s, oauth_scopes = %(oauth_scopes)s,
+       rate_limits = %(rate_limits)s, max_recipients = %(max_recipients)s,
+       max_messages_per_connection = %(max_messages_per_connection)s,
        updated_at = now()
  WHERE id = %(id)s;
 
@@ -134,6 +137,14 @@ reset AS (
        AND (failures > 0 OR backoff_until IS NOT NULL OR EXISTS (SELECT 1 FROM waiting))
     RETURNING id)
 SELECT (SELECT id FROM reset) AS reset, array(SELECT id FROM released ORDER BY id) AS released;
+
+-- release_limit_waits --
+-- A connector's limits changed: the messages given back to wait for them (phase 'waiting',
+-- not yet due) are due now; the worker applies the new limits to them.
+UPDATE outbox.message
+   SET next_attempt_at = now(), updated_at = now()
+ WHERE connector_id = %(id)s AND status IN ('queued', 'retry') AND phase = 'waiting'
+   AND next_attempt_at > now();
 
 -- insert_connector_event --
 -- Activity history of a connector.

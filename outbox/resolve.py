@@ -50,6 +50,10 @@ class Connector:
     oauth_tenant: str | None = None
     oauth_token_url: str | None = None
     oauth_scopes: tuple[str, ...] = ()
+    # Provider limits (issue 18): canonical `N/unit` strings, and caps per transaction/session
+    rate_limits: tuple[str, ...] = ()
+    max_recipients: int | None = None
+    max_messages_per_connection: int | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Connector:
@@ -57,6 +61,7 @@ class Connector:
         values = {k: row[k] for k in fields if k in row}
         values["aliases"] = tuple(row.get("aliases") or ())
         values["oauth_scopes"] = tuple(row.get("oauth_scopes") or ())
+        values["rate_limits"] = tuple(row.get("rate_limits") or ())
         for secret in ("password_enc", "oauth_client_secret_enc"):
             if values.get(secret) is not None:
                 values[secret] = bytes(values[secret])

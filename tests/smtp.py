@@ -8,6 +8,7 @@ import email
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class Recorder:
     pipelining: bool = True
     # Called (in the server's thread) with the number of messages kept so far, after each.
     on_keep: Callable[[int], None] | None = None
+    # time.monotonic() when each kept message arrived (its final dot), in order
+    arrival_times: list[float] = field(default_factory=list)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -126,6 +129,7 @@ class Recorder:
 
     def _keep(self, envelope: Any) -> None:
         with self.arrived:
+            self.arrival_times.append(time.monotonic())
             self.received.append(
                 Received(
                     envelope.mail_from,

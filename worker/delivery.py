@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -35,7 +35,16 @@ from outbox.sql import queries
 from worker import metrics
 from worker.completer import Completer, finish_params
 from worker.leases import Flight, Leases
-from worker.policy import Decision, Verdict, decide, is_connector_problem, unbuildable
+from worker.limiter import Limiter, Slot
+from worker.policy import (
+    Decision,
+    Verdict,
+    decide,
+    is_connector_problem,
+    is_throttling,
+    unbuildable,
+    waiting,
+)
 from worker.transport import ConnectorPool, Outcome, Transport
 
 Q = queries("worker")
@@ -46,6 +55,14 @@ DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # checked with every claim, in the same round trip), and at least this often (backoff state
 # written by other worker processes).
 CONFIG_TTL_SECONDS = 1.0
+# A message whose connector's rate limit has a slot this close waits for it in its own
+# coroutine (holding its row); a later slot sends it back to the queue until then.
+LIMIT_WAIT_SECONDS = 2.0
+
+
+def limit_wait_seconds(settings: Settings) -> float:
+    """How long a message may wait in the worker for its rate limit: short against its lease."""
+    return min(LIMIT_WAIT_SECONDS, settings.lease_seconds / 4)
 
 
 def db_retry(seconds: float) -> AsyncRetrying:
@@ -118,6 +135,7 @@ class Delivery:
         self.transport = Transport(local_hostname=config.local_hostname)
         self.completer = Completer(self._write)
         self.leases = Leases(self._renew)
+        self.limiter = Limiter(config.redis_url, config.redis_namespace)
         self._loaded_at = -CONFIG_TTL_SECONDS
         self._version: tuple[Any, ...] | None = None
         self._settings = Settings()
@@ -146,6 +164,7 @@ class Delivery:
             await self._writer_conn.close()
         await self.leases.aclose()
         await self.transport.aclose()
+        await self.limiter.aclose()
         await self.pool.close()
 
     async def run(self, handed: Sequence[Sequence[Any]]) -> None:
@@ -274,6 +293,7 @@ class Delivery:
         settled = batch.settled.get(row["id"], {})
         recipients = [a for a in envelope(row, settings) if a.lower() not in settled]
         pool: ConnectorPool | None = None
+        held: list[Slot] = []  # the limiter's answer when it refused the message
         if connector.backoff_until is not None and connector.backoff_until > started:
             # The connector is resting after failures to reach or log in to it.
             outcome = Outcome(
@@ -306,7 +326,12 @@ class Delivery:
                 bytes(content),
                 before_data=lambda: self._before_data(row, flight, settings),
                 on_phase=flight.set_phase,
+                admit=(lambda: self._admit(connector, flight, settings, held))
+                if connector.rate_limits
+                else None,
             )
+            if outcome.not_admitted:
+                return self._waiting(row, connector, held[0], settings, started)
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
         connector_problem = is_connector_problem(outcome.phase, outcome.verdicts, False)
@@ -319,6 +344,9 @@ class Delivery:
                 retry_at = await self._connector_failed(connector, cause, settings, pool)
         elif not connector_problem and (connector.failures or connector.backoff_until):
             await self._connector_recovered(connector)
+        slow_down = throttled(outcome)
+        if slow_down:
+            metrics.THROTTLED.labels(connector.name).inc()
         decision = decide(
             verdicts=outcome.verdicts,
             settled=settled,
@@ -330,6 +358,7 @@ class Delivery:
             refused={a: _reply(outcome, a) for a, v in outcome.verdicts.items() if v is Verdict.PERMANENT},
             connector_problem=connector_problem,
             connector_retry_at=retry_at,
+            throttled=slow_down,
         )
         return self._sent(row, connector, outcome, decision, started)
 
@@ -378,6 +407,42 @@ class Delivery:
             await conn.execute(Q["connector_recovered"], {"id": connector.id})
         self._loaded_at = -CONFIG_TTL_SECONDS
         log.info("connector recovered", connector=connector.name)
+
+    async def _admit(
+        self, connector: Connector, flight: Flight, settings: Settings, held: list[Slot]
+    ) -> bool:
+        """The connector's rate limits, asked just before MAIL: a slot moments away is waited
+        for here (this message's coroutine only); a later one refuses (kept in `held`)."""
+        slot = await self.limiter.reserve(connector, max_wait_seconds=limit_wait_seconds(settings))
+        if not slot.taken:
+            held.append(slot)
+            return False
+        if slot.wait_seconds > 0:
+            flight.set_phase("waiting")
+            metrics.RATE_LIMITED.labels(connector.name, "paced").inc()
+            await asyncio.sleep(slot.wait_seconds)
+        return True
+
+    @staticmethod
+    def _waiting(
+        row: dict[str, Any], connector: Connector, slot: Slot, settings: Settings, started: datetime
+    ) -> Result:
+        """Back to the queue until the connector's rate limit has room: no attempt spent, due
+        a little before the window opens (so the next ones are waiting in the worker when it
+        does), the limit and the time on the row."""
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=slot.wait_seconds)
+        due = until - timedelta(seconds=limit_wait_seconds(settings) / 2)
+        decision = waiting(
+            attempts=row["attempts"],
+            created_at=row["round_started_at"],
+            now=now,
+            settings=settings,
+            until=max(now, due),
+            reason=f"waiting for rate limit {slot.binding} until {until.isoformat(timespec='seconds')}",
+        )
+        metrics.RATE_LIMITED.labels(connector.name, "deferred").inc()
+        return _decided(row, connector, "waiting", decision, started, {})
 
     @staticmethod
     def _unrouted(row: dict[str, Any], route: Route, started: datetime) -> Result:
@@ -472,7 +537,7 @@ class Delivery:
     @staticmethod
     def _report(result: Result, written: bool) -> None:
         p = result.params
-        if p["connector_name"] is not None and p["outcome"] != "held":
+        if p["connector_name"] is not None and p["outcome"] not in ("held", "waiting"):
             metrics.observe_send(p["connector_name"], p["status"], result.smtp_code, result.seconds)
         if not written:
             metrics.STALE_DELIVERIES.inc()
@@ -483,7 +548,7 @@ class Delivery:
             )
             return
         # successes are the hot path: debug; anything else is worth a line at info
-        (log.debug if p["status"] == "sent" else log.info)(
+        (log.debug if p["status"] == "sent" or p["outcome"] == "waiting" else log.info)(
             "attempt finished",
             message=p["id"],
             attempt=result.row["attempts"],
@@ -539,6 +604,18 @@ def _result(
         "r_replies": [r[2] for r in recipients.values()],
     }
     return Result(row, params)
+
+
+def throttled(outcome: Outcome) -> bool:
+    """Did the server refuse (some of) this message to slow us down? Its final reply, or the
+    reply to a recipient left pending."""
+    if is_throttling(outcome.code, outcome.reply):
+        return True
+    return any(
+        is_throttling(*outcome.replies.get(a, (None, None)))
+        for a, v in outcome.verdicts.items()
+        if v is Verdict.TRANSIENT
+    )
 
 
 def _reply(outcome: Outcome, addr: str) -> str:

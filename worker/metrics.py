@@ -30,6 +30,24 @@ STALE_DELIVERIES = Counter(
     "Broker deliveries or results ignored because the lease had moved on",
 )
 
+# Provider limits (issue 18)
+RATE_LIMITED = Counter(
+    "outbox_rate_limited_total",
+    "Messages that met their connector's rate limit: `paced` waited in the worker for a slot "
+    "moments away, `deferred` went back to the queue until the window opens",
+    ["connector", "outcome"],
+)
+THROTTLED = Counter(
+    "outbox_throttled_total",
+    "Attempts a server refused to slow us down (421/450/451/454 4.7.x, 452 4.5.3, 'throttling'): "
+    "retried without spending an attempt",
+    ["connector"],
+)
+LIMITER_ERRORS = Counter(
+    "outbox_rate_limiter_errors_total",
+    "Sends made without the rate limiter because Redis could not be reached",
+)
+
 
 RETRIES = Counter(
     "outbox_retries_total",

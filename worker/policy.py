@@ -8,6 +8,7 @@ row's next status.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -73,6 +74,26 @@ def backoff_seconds(attempts: int, settings: Settings, rng: random.Random | None
     return step / 2 + step / 2 * r
 
 
+# Replies that say "slow down", not "this message is wrong": RFC 3463 4.7.x (421/450/451/454
+# with 4.7.0 and friends: Microsoft 365, Amazon SES, Gmail), 452 4.5.3 (too many recipients in
+# this transaction) and the common wordings of servers that send no enhanced code.
+_THROTTLE_CODES = (421, 450, 451, 452, 454)
+_THROTTLE_STATUS = re.compile(r"^\s*4\.(7\.\d{1,3}|5\.3)\b")
+_THROTTLE_WORDS = re.compile(
+    r"throttl|rate limit|too many (messages|recipients|connections|emails)|sending rate|"
+    r"slow down|exceeded.*(rate|quota|limit)",
+    re.IGNORECASE,
+)
+
+
+def is_throttling(code: int | None, reply: str | None) -> bool:
+    """A temporary refusal that means the server wants us slower: the message spends no
+    attempt on it (only its maximum age ends it)."""
+    if code not in _THROTTLE_CODES or not reply:
+        return False
+    return bool(_THROTTLE_STATUS.match(reply) or _THROTTLE_WORDS.search(reply))
+
+
 def is_connector_problem(phase: str, verdicts: Mapping[str, Verdict], config_error: bool) -> bool:
     """Failures before MAIL (token, connect, greeting, TLS, AUTH) or a broken configuration are the
     connector's, not the message's: they must not spend every queued message's attempts."""
@@ -97,6 +118,7 @@ def decide(
     refused: Mapping[str, str] | None = None,
     connector_problem: bool = False,
     connector_retry_at: datetime | None = None,
+    throttled: bool = False,
 ) -> Decision:
     """Next status from this attempt's verdict per recipient.
 
@@ -105,7 +127,8 @@ def decide(
     `max_attempts` or `max_age_seconds`, then fail. An ambiguous outcome (lost after the final
     dot) is retried with the same Message-ID, or failed for an operator when
     `ambiguous_policy` is `hold`. A connector problem retries when the connector is due again,
-    without spending the message's attempt; only the maximum age ends it.
+    without spending the message's attempt; only the maximum age ends it. So does throttling
+    (`throttled`: the server said slow down, see `is_throttling`) for the recipients left.
     """
     recipients = {addr: RECIPIENT_STATUS[v] for addr, v in verdicts.items()}
     pending = [a for a, s in recipients.items() if s in ("deferred", "ambiguous")]
@@ -122,6 +145,11 @@ def decide(
         )
         recipients.update({a: "ambiguous" for a in pending})
         return Decision("failed", None, recipients, True, reason, "ambiguous")
+    if pending and throttled and not too_old:
+        delay = backoff_seconds(1, settings)
+        return Decision(
+            "retry", now + timedelta(seconds=delay), recipients, True, summary, label or "retry", refund=True
+        )
     exhausted = attempts >= settings.max_attempts or too_old
     if pending and not exhausted:
         delay = backoff_seconds(attempts, settings)
@@ -184,3 +212,22 @@ def after_lease_expired(
         status = "retry"
     outcome = ("ambiguous" if ambiguous else "lease-expired") if sending else None
     return LeaseExpiry(status, left, outcome, refund)
+
+
+def waiting(
+    *,
+    attempts: int,
+    created_at: datetime,
+    now: datetime,
+    settings: Settings,
+    until: datetime,
+    reason: str,
+) -> Decision:
+    """A message that met its connector's limits before anything was sent: back in the queue
+    (`queued`, or `retry` when earlier attempts counted), due at `until`, its attempt given
+    back and the reason on the row (`waiting for rate limit 30/min until T`). Only the maximum
+    age ends such a message."""
+    if now - created_at >= timedelta(seconds=settings.max_age_seconds):
+        return Decision("failed", None, {}, True, f"maximum age reached: {reason}"[:2000], "failed")
+    status = "retry" if attempts > 1 else "queued"
+    return Decision(status, until, {}, False, reason, "waiting", refund=True)

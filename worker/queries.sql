@@ -178,6 +178,8 @@ RETURNING m.id;
 -- still holds that row's lease (fencing): the rows, their attempt history and their
 -- per-recipient results. The batch comes as two JSON arrays of records (cheaper to send than
 -- one array per column). Returns the ids written (a row whose lease was lost is left out).
+-- A message given back to wait for its connector's limits (outcome 'waiting') was not
+-- attempted: its row says why and until when, its history gets nothing.
 WITH outcome AS (
     SELECT *
       FROM jsonb_to_recordset(%(outcomes)s::jsonb)
@@ -204,7 +206,8 @@ history AS (
                                 phase, outcome, smtp_code, smtp_reply, error)
     SELECT o.id, done.attempts + o.refund, o.connector_id, o.connector_name, o.started_at,
            o.phase, o.outcome, o.smtp_code, o.smtp_reply, o.last_error
-      FROM done JOIN outcome o USING (id)),
+      FROM done JOIN outcome o USING (id)
+     WHERE o.outcome <> 'waiting'),
 results AS (
     INSERT INTO outbox.recipient (message_id, addr, status, smtp_code, smtp_reply)
     SELECT r.message_id, r.addr, r.status, r.code, r.reply

@@ -55,6 +55,8 @@ class Outcome:
     seconds: float = 0.0
     # Not tried: the connector was resting after this failure of an earlier message.
     rested_after: str | None = None
+    # Not sent: `admit` refused it (its connector's rate limit has no slot soon enough).
+    not_admitted: bool = False
 
     @property
     def summary(self) -> str:
@@ -179,6 +181,7 @@ class ConnectorPool:
         self.dot_timeout = dot_timeout
         self._slots = asyncio.Semaphore(connector.max_connections)
         self._idle: list[SMTP] = []
+        self._used: dict[int, int] = {}  # transactions per open session (id of its client)
         self._ctx: ssl.SSLContext | None = None
         self._tripped: str | None = None  # the problem, until the backoff's end is known
         self._rest_until: datetime | None = None
@@ -299,9 +302,13 @@ class ConnectorPool:
         content: bytes,
         before_data: Callable[[], Awaitable[bool]] | None = None,
         on_phase: Callable[[str], None] | None = None,
+        admit: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Send one message to `recipients`; never raises for SMTP or network trouble.
-        `on_phase` hears each phase as it starts ("waiting" while queued for a session)."""
+        `on_phase` hears each phase as it starts ("waiting" while queued for a session).
+        `admit` (the connector's rate limit) is asked once a session is ready, just before
+        MAIL, so a paced message goes out when its slot says, not a connection setup later;
+        False sends nothing (`not_admitted`)."""
         started = time.monotonic()
         outcome = Outcome()
 
@@ -319,30 +326,69 @@ class ConnectorPool:
                 outcome.seconds = time.monotonic() - started
                 return outcome
             client = self._idle.pop() if self._idle else None
+            current, done = list(recipients), 0
             for reused in (client is not None, False):
                 try:
                     if client is None or not client.is_connected:
                         client = await self.open(phase)
-                    async with ReplyTimer(self.timeout) as timer:
-                        await self._transaction(
-                            client, sender, recipients, content, outcome, phase, timer, before_data
-                        )
+                        self._used.pop(id(client), None)  # a new session: none used yet
+                    if admit is not None:
+                        admitted, admit = await admit(), None  # asked once per message
+                        if not admitted:
+                            outcome.not_admitted = True
+                            break
+                    # --max-recipients: one transaction per group of recipients, same content
+                    for i, group in enumerate(self._groups(recipients)):
+                        done, current = i, group  # groups finished before this one
+                        async with ReplyTimer(self.timeout) as timer:
+                            await self._transaction(
+                                client, sender, group, content, outcome, phase, timer, before_data
+                            )
                 except Exception as exc:  # network, TLS, protocol: recorded, never raised
-                    self._fail(outcome, exc, recipients)
+                    self._fail(outcome, exc, current)  # earlier groups keep their verdicts
+                    for r in recipients[recipients.index(current[-1]) + 1 :]:
+                        outcome.verdicts.setdefault(r, Verdict.TRANSIENT)  # groups not reached
+                        outcome.replies.setdefault(r, (outcome.code, outcome.reply or outcome.error))
                     if client is not None:
                         client.close()
                     client = None
-                    if reused and outcome.phase == "mail" and outcome.code in (None, 421):
+                    if reused and not done and outcome.phase == "mail" and outcome.code in (None, 421):
                         # A pooled session the server had dropped: nothing was sent yet.
                         outcome = Outcome()
                         continue
                 break
             if client is not None and client.is_connected:
-                self._idle.append(client)
+                if self._spent(client):  # --max-messages-per-connection: a fresh session next
+                    await self._quit(client)
+                else:
+                    self._idle.append(client)
             if is_connector_problem(outcome.phase, outcome.verdicts, False) and self._tripped is None:
                 self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _groups(self, recipients: Sequence[str]) -> list[list[str]]:
+        cap = self.connector.max_recipients or len(recipients) or 1
+        return [list(recipients[i : i + cap]) for i in range(0, len(recipients), cap)]
+
+    def _spent(self, client: SMTP) -> bool:
+        """Count one more transaction on this session; True once it has had the connector's
+        `max_messages_per_connection`."""
+        cap = self.connector.max_messages_per_connection
+        if cap is None:
+            return False
+        used = self._used.get(id(client), 0) + 1
+        if used >= cap:
+            self._used.pop(id(client), None)
+            return True
+        self._used[id(client)] = used
+        return False
+
+    @staticmethod
+    async def _quit(client: SMTP) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(Replies.of(client).command(b"QUIT"), timeout=2)
+        client.close()
 
     def _rested(self, outcome: Outcome, problem: str, recipients: Sequence[str]) -> None:
         outcome.phase, outcome.rested_after = "connect", problem
@@ -532,10 +578,7 @@ class ConnectorPool:
 
     async def aclose(self) -> None:
         while self._idle:
-            client = self._idle.pop()
-            with contextlib.suppress(Exception):  # its replies are read by `Replies` by now
-                await asyncio.wait_for(Replies.of(client).command(b"QUIT"), timeout=2)
-            client.close()
+            await self._quit(self._idle.pop())  # its replies are read by `Replies` by now
 
 
 class Transport:

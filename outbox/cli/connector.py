@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from outbox import connectors, operations
+from outbox import connectors, limits, operations
 from outbox import settings as runtime_settings
 from outbox.cli.base import (
     EXIT_ERROR,
@@ -74,6 +74,104 @@ def oauth_options(*, adding: bool) -> Callable[[F], F]:
     return decorate
 
 
+class RateLimit(click.ParamType):
+    """`N/s|N/min|N/h|N/day`, or `none` (on update: clear every rate limit)."""
+
+    name = "N/UNIT"
+
+    def __init__(self, *, clearable: bool) -> None:
+        self.clearable = clearable
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if self.clearable and str(value).strip().lower() == "none":
+            return "none"
+        try:
+            return str(limits.parse_rate(str(value)))
+        except ValidationError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Cap(click.ParamType):
+    """A positive whole number, or `none` (on update: no limit)."""
+
+    name = "N"
+
+    def __init__(self, *, clearable: bool, maximum: int | None = None) -> None:
+        self.clearable, self.maximum = clearable, maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if self.clearable and str(value).strip().lower() == "none":
+            return NONE
+        try:
+            n = int(str(value))
+        except ValueError:
+            n = 0
+        if n < 1 or (self.maximum is not None and n > self.maximum):
+            top = f" and at most {self.maximum}" if self.maximum is not None else ""
+            none = " (or none)" if self.clearable else ""
+            self.fail(f"{value!r} must be a whole number of at least 1{top}{none}", param, ctx)
+        return n
+
+
+NONE = "none"  # a cap cleared on update
+
+
+def limit_options(*, adding: bool) -> Callable[[F], F]:
+    """The provider limits of `connector add` and `update` (DESIGN's names)."""
+    clear = "" if adding else " `none` clears it."
+    options = [
+        click.option(
+            "--rate-limit",
+            "rate_limits",
+            type=RateLimit(clearable=not adding),
+            multiple=True,
+            help="At most N messages over any interval of that length, across all workers "
+            "(N/s, N/min, N/h, N/day); repeat, every one applies."
+            + ("" if adding else " Replaces the stored rate limits; `none` clears them all."),
+        ),
+        click.option(
+            "--max-connections",
+            type=Cap(clearable=False, maximum=100),
+            default=4 if adding else None,
+            show_default=adding,
+            help="Concurrent SMTP sessions to the server.",
+        ),
+        click.option(
+            "--max-recipients",
+            type=Cap(clearable=not adding),
+            help="Envelope recipients per SMTP transaction; more go out as several transactions "
+            "of the same message." + clear,
+        ),
+        click.option(
+            "--max-messages-per-connection",
+            type=Cap(clearable=not adding),
+            help="QUIT and reconnect after N messages on one session." + clear,
+        ),
+    ]
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _limit_changes(options: dict[str, Any]) -> dict[str, Any]:
+    """The limit options given to `update`, as changes (`none` -> cleared)."""
+    changes: dict[str, Any] = {}
+    rates = options.pop("rate_limits", ())
+    if rates:
+        if "none" in rates and len(rates) > 1:
+            raise ValidationError("--rate-limit none clears every rate limit: give it alone")
+        changes["rate_limits"] = () if "none" in rates else tuple(rates)
+    for key in ("max_recipients", "max_messages_per_connection"):
+        value = options.pop(key, None)
+        if value is not None:
+            changes[key] = None if value == NONE else value
+    return changes
+
+
 def _read_secrets(password_stdin: bool, client_secret_stdin: bool) -> tuple[str | None, str | None]:
     if password_stdin and client_secret_stdin:
         raise ValidationError(
@@ -118,7 +216,7 @@ def connector() -> None:
 @click.option("--ca-file", type=click.Path(dir_okay=False), help="CA bundle to verify the SMTP server.")
 @click.option("--default-gateway", is_flag=True, help="Make it the System Default Gateway.")
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
-@click.option("--max-connections", type=click.IntRange(1, 100), default=4, show_default=True)
+@limit_options(adding=True)
 @click.option(
     "--timeout",
     "timeout_seconds",
@@ -145,6 +243,7 @@ def connector_add(
     default_gateway: bool,
     actor: str | None,
     test_first: bool,
+    rate_limits: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Register a connector."""
@@ -156,6 +255,7 @@ def connector_add(
         oauth_client_secret=client_secret,
         enabled=not disabled,
         default_gateway=default_gateway,
+        rate_limits=rate_limits,
         **options,
     )
     if test_first and new.direction != "incoming":
@@ -194,7 +294,7 @@ def _probe(conn: psycopg.Connection[Any], c: Any) -> dict[str, Any]:
 @click.option("--password-stdin", is_flag=True, help="Read a new password from stdin (stored encrypted).")
 @oauth_options(adding=False)
 @click.option("--ca-file", type=click.Path(dir_okay=False))
-@click.option("--max-connections", type=click.IntRange(1, 100))
+@limit_options(adding=False)
 @click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0.1))
 @click.option("--actor", help="Who is making the change (default: the OS user).")
 @with_conn
@@ -214,7 +314,8 @@ def connector_update(
     To move a password connector to OAuth 2.0 (Microsoft 365):
     outbox connector update NAME --auth oauth2 --oauth-client-id ID --oauth-tenant T
     --oauth-client-secret-stdin < secret.txt"""
-    changes = {k: v for k, v in options.items() if v is not None}
+    limit_changes = _limit_changes(options)
+    changes = {k: v for k, v in options.items() if v is not None} | limit_changes
     if aliases or no_aliases:
         changes["aliases"] = () if no_aliases else aliases
     if oauth_scopes:
@@ -246,15 +347,19 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
     """List connectors (passwords and client secrets are never shown, only how they are kept).
 
     STATE is ok, disabled, failing, or "backing off until T" after failures to reach or log
-    in to the server; ERROR is the last error while it is current (nothing got through and no
-    reset since). --json also keeps the history: last_error and last_error_at."""
-    rows = [connectors.describe(c) for c in connectors.load_all(conn)]
+    in to the server; LIMITS its provider limits (rate limits, conn: sessions, rcpt:
+    recipients per transaction, msg/conn: messages per session); ERROR is the last error
+    while it is current (nothing got through and no reset since). --json also keeps the
+    history (last_error and last_error_at) and the limits one by one."""
+    loaded = connectors.load_all(conn)
+    rows = [connectors.describe(c) for c in loaded]
+    compact = {c.name: connectors.limits_summary(c) for c in loaded}
     emit(
         rows,
         as_json,
         lambda rs: (
             table(
-                rs,
+                [r | {"limits": compact[r["name"]]} for r in rs],
                 [
                     "name",
                     "direction",
@@ -268,6 +373,7 @@ def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
                     "enabled",
                     "default_gateway",
                     "state",
+                    "limits",
                     "error",
                 ],
             )

@@ -1,0 +1,74 @@
+"""Provider limits (issue 18): what the rate limiter costs, and how exactly it holds a rate.
+
+    .venv/bin/python -m bench.limits [--n 2000] [--rate 200] [--runs 3]
+
+End to end, like bench.run (its template, sink and `outbox run --until-idle`; each run in its
+own database and Redis namespace, dropped after): N messages through the sink's connector
+1. without a rate limit, 2. with one that never binds (1000000/s: every message asks Redis),
+and 3. with `--rate` per second; prints the throughput of 1 and 2 (the limiter's overhead) and
+the achieved rate of 3 (first to last `sent_at`) against the configured one. Prints figures;
+asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import outbox_e2e as e2e
+from bench.infra import PG_ADMIN_DEFAULT, REDIS_DEFAULT, Databases
+from bench.sink import Sink
+
+
+def _limit(spec: str | None) -> str:
+    value = "{}" if spec is None else "{" + spec + "}"
+    return f"UPDATE outbox.connector SET rate_limits = '{value}'"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=2000, help="messages per run")
+    parser.add_argument("--rate", type=int, default=200, help="the binding limit, messages per second")
+    parser.add_argument("--runs", type=int, default=3, help="runs of the overhead pair (median)")
+    parser.add_argument("--pg-admin-url", default=os.environ.get("OUTBOX_BENCH_PG", PG_ADMIN_DEFAULT))
+    parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_BENCH_REDIS", REDIS_DEFAULT))
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-limits-"))
+    dbs = Databases(args.pg_admin_url)
+    sink = Sink.start("auto")
+    env = e2e.Env(dbs=dbs, redis_url=args.redis_url, sink_port=sink.port, workdir=workdir)
+    try:
+        e2e.make_template(env)
+        free, unbound = [], []
+        for _ in range(args.runs):  # interleaved, so drift on the machine hits both alike
+            free.append(e2e.throughput(env, args.n, pre_sql=_limit(None), label="free").steady_rate)
+            unbound.append(
+                e2e.throughput(env, args.n, pre_sql=_limit("1000000/s"), label="unbound").steady_rate
+            )
+        f, u = statistics.median(free), statistics.median(unbound)
+        print(f"no rate limit:             {f:8.0f} msg/s  (median: {[round(x) for x in free]})")
+        print(f"1000000/s (never binds):   {u:8.0f} msg/s  (median: {[round(x) for x in unbound]})")
+        print(f"limiter overhead:          {100 * (f - u) / f:8.1f} % of throughput")
+        bound = e2e.throughput(
+            env, args.n, pre_sql=_limit(f"{args.rate}/s"), label="bound", timeout=args.n / args.rate * 3 + 60
+        )
+        achieved = bound.steady_rate
+        print(
+            f"{args.rate}/s over {args.n} messages: achieved {achieved:.1f} msg/s "
+            f"({100 * (achieved - args.rate) / args.rate:+.1f} % against the limit)"
+        )
+    finally:
+        env.cleanup()
+        dbs.drop_all()
+        sink.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Provider limits at a real SMTP server (issue 18): rate limits held in every sliding
+interval across worker processes, no attempt spent waiting, no other connector held up."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import outbox
+from outbox import connectors
+from outbox.connectors import NewConnector
+from tests.conftest import wait_until
+from tests.helpers import add_gateway
+from tests.helpers import outbox_cli as outbox_cmd
+
+JITTER = 0.05  # seconds: arrival times vary this much more than admission times under load
+
+
+def enqueue(db, n, from_addr="a@example.com"):
+    with db.transaction():
+        return [
+            outbox.enqueue(db, from_addr=from_addr, to=[f"r{i}@example.org"], subject=f"m{i}", text="t")
+            for i in range(n)
+        ]
+
+
+def rows(db, ids):
+    return db.execute(
+        "SELECT status, attempts, last_error FROM outbox.message WHERE id = ANY(%s) ORDER BY id", [ids]
+    ).fetchall()
+
+
+def most_in_any_window(times, seconds):
+    """The most arrivals in any half-open interval [t, t + seconds)."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] <= t - seconds:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_ten_per_second_is_held_in_every_sliding_second(db, smtp, pipeline):
+    add_gateway(db, smtp, rate_limits=("10/s",))
+    ids = enqueue(db, 60)
+    wait_until(
+        lambda: len(smtp.recorder.received) >= 60, timeout=30, step=pipeline.cycle, what="60 messages sent"
+    )
+    wait_until(lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=10, what="rows sent")
+    times = smtp.recorder.arrival_times
+    # paced at admission (just before MAIL) 1.01 s per 10; arrival adds the scheduling jitter of
+    # busy test processes (tens of ms), which the window allows for
+    assert most_in_any_window(times, 1.0 - JITTER) <= 10, [
+        round(b - a, 3) for a, b in zip(times, times[10:], strict=False)
+    ]
+    assert all(attempts == 1 for _, attempts, _ in rows(db, ids)), "waiting spent an attempt"
+    span = max(times) - min(times)
+    assert 5.9 <= span <= 8.0, f"60 messages at 10/s took {span:.2f} s"
+    assert (
+        db.execute("SELECT count(*) FROM outbox.attempt WHERE message_id = ANY(%s)", [ids]).fetchone()[0]
+        == 60
+    )
+
+
+def test_none_clears_the_rate_limit(db, smtp, pipeline):
+    add_gateway(db, smtp, rate_limits=("1/min",))
+    first = enqueue(db, 2)
+    wait_until(
+        lambda: sorted(r[0] for r in rows(db, first)) == ["queued", "sent"],
+        step=pipeline.cycle,
+        what="one sent, one waiting",
+    )
+    [(_, attempts, error)] = [r for r in rows(db, first) if r[0] == "queued"]
+    assert attempts == 0 and error.startswith("waiting for rate limit 1/min until ")
+
+    connectors.update(db, "gw", {"rate_limits": ()})
+    more = enqueue(db, 30)
+    started = time.monotonic()
+    for msg in [*first, *more]:
+        pipeline.until_status(msg, "sent")
+    assert time.monotonic() - started < 10
+    assert len(smtp.recorder.received) == 32
+
+
+def test_a_saturated_connector_holds_up_no_other_in_the_same_batch(
+    db, smtp_factory, stopped_pipeline, cli_env
+):
+    limited, free = smtp_factory(name="limited"), smtp_factory(name="free")
+    add_gateway(db, free)
+    connectors.add(
+        db,
+        NewConnector(
+            name="m365",
+            direction="outgoing",
+            address="m365@example.com",
+            host="localhost",
+            port=limited.port,
+            rate_limits=("1/min",),
+        ),
+    )
+    saturated = enqueue(db, 5, from_addr="m365@example.com")
+    [other] = enqueue(db, 1)
+    stopped_pipeline.cycle()  # all six rows in one broker message
+    stopped_pipeline.start()
+    t0 = time.monotonic()
+    stopped_pipeline.until_status(other, "sent", timeout=5)
+    assert time.monotonic() - t0 < 2.5
+    wait_until(
+        lambda: sorted(r[0] for r in rows(db, saturated)) == ["queued"] * 4 + ["sent"],
+        timeout=10,
+        what="one sent, four waiting",
+    )
+    assert len(limited.recorder.received) == 1 and len(free.recorder.received) == 1
+    waiting = [r for r in rows(db, saturated) if r[0] == "queued"]
+    assert all(a == 0 and e.startswith("waiting for rate limit 1/min until ") for _, a, e in waiting)
+    # what an operator sees
+    msg = next(i for i, r in zip(saturated, rows(db, saturated), strict=True) if r[0] == "queued")
+    shown = outbox_cmd(cli_env, "show", str(msg)).stdout
+    assert "waiting for rate limit 1/min until" in shown
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["m365"]["limits"]["rate_limits"] == ["1/min"]
+
+
+def test_throttling_replies_spend_no_attempt_so_max_attempts_2_still_delivers_all(db, smtp, pipeline):
+    add_gateway(db, smtp)
+    db.execute(
+        "UPDATE outbox.settings SET max_attempts = 2, retry_base_seconds = 0.2, retry_max_seconds = 0.5"
+    )
+    smtp.recorder.data_replies.extend(["454 4.7.0 Throttling failure: Maximum sending rate exceeded"] * 12)
+    smtp.recorder.mail_replies.extend(["421 4.7.0 Try again later, closing connection"] * 2)
+    ids = enqueue(db, 5)
+    for msg in ids:
+        pipeline.until_status(msg, "sent", timeout=60)
+    assert not smtp.recorder.data_replies, "the server throttled fewer transactions than scripted"
+    assert sorted(r.message["Subject"] for r in smtp.recorder.received) == [f"m{i}" for i in range(5)]
+    assert all(attempts == 1 for _, attempts, _ in rows(db, ids))
+    throttled = db.execute(
+        "SELECT count(*) FROM outbox.attempt WHERE message_id = ANY(%s) AND smtp_code IN (421, 454)", [ids]
+    ).fetchone()[0]
+    assert throttled >= 12
+
+
+def test_throttling_replies_are_recognised():
+    from worker.policy import is_throttling
+
+    for code, reply in [
+        (421, "4.7.0 Temporary server error. Please try again later"),
+        (450, "4.7.1 Client host rejected: too many connections"),
+        (451, "4.7.500 Server busy. Please try again later"),
+        (454, "Throttling failure: Maximum sending rate exceeded."),
+        (452, "4.5.3 Too many recipients"),
+        (421, "Rate limit exceeded"),
+    ]:
+        assert is_throttling(code, reply), (code, reply)
+    for code, reply in [
+        (450, "4.2.1 Mailbox unavailable"),
+        (550, "5.7.1 Throttling"),
+        (451, "4.3.0 Local error"),
+    ]:
+        assert not is_throttling(code, reply), (code, reply)
+
+
+def test_max_messages_per_connection_starts_a_new_session(db, smtp, pipeline):
+    add_gateway(db, smtp, max_connections=1, max_messages_per_connection=3)
+    ids = enqueue(db, 7)
+    for msg in ids:
+        pipeline.until_status(msg, "sent")
+    assert len(smtp.recorder.received) == 7
+    assert smtp.recorder.sessions == 3  # 3 + 3 + 1
+
+
+def test_max_recipients_3_sends_7_recipients_as_3_3_1_with_one_message_id(db, smtp, pipeline):
+    add_gateway(db, smtp, max_recipients=3)
+    smtp.recorder.script_rcpt("r5@example.org", "451 4.3.0 busy", "250 OK")  # retried alone
+    to = [f"r{i}@example.org" for i in range(7)]
+    with db.transaction():
+        msg = outbox.enqueue(db, from_addr="a@example.com", to=to, subject="s", text="t")
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.5")
+    pipeline.until_status(msg, "sent", timeout=30)
+    got = smtp.recorder.received
+    assert [r.rcpt_tos for r in got] == [
+        to[0:3],
+        ["r3@example.org", "r4@example.org"],
+        ["r6@example.org"],
+        ["r5@example.org"],
+    ]
+    assert len({r.message_id for r in got}) == 1
+    statuses = dict(
+        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg]).fetchall()
+    )
+    assert statuses == dict.fromkeys(to, "sent")
