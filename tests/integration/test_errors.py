@@ -6,8 +6,6 @@ commands, never a traceback."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -69,20 +67,6 @@ def test_redact_url():
 
 
 # -- an unreachable Redis at start-up ----------------------------------------------------------
-
-
-@pytest.fixture
-def start(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., OutboxProcess]]:
-    started: list[OutboxProcess] = []
-
-    def make(*args: str, **env: str) -> OutboxProcess:
-        p = OutboxProcess(cli_env | env, *args, log_dir=tmp_path)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.close()
 
 
 def _lines(p: OutboxProcess, text: str) -> list[str]:

@@ -10,28 +10,11 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.chaos.services import OutboxProcess
 from tests.conftest import wait_until
 from tests.smtp import free_port
-
-
-@pytest.fixture
-def start(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., OutboxProcess]]:
-    started: list[OutboxProcess] = []
-
-    def make(*args: str, **env: str) -> OutboxProcess:
-        p = OutboxProcess(cli_env | env, *args, log_dir=tmp_path)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.close()
 
 
 def workers_up(p: OutboxProcess, n: int) -> None:
