@@ -52,7 +52,7 @@ def test_worker_sigkill_after_100_of_300_resends_only_its_unrecorded_window(chao
     # Re-sent: what finished within the completer's window (linger + one write, under 20 ms on
     # a saturated machine) and the messages whose 250 was on its way (one per session). The
     # whole batch (up to 100 a broker message, 300 claimed here) was re-sent before.
-    assert tallies["duplicates"] <= max(20, rate * 0.020) + SESSIONS, tallies
+    assert tallies["duplicates"] <= max(30, rate * 0.025) + SESSIONS, tallies
 
 
 def test_poison_row_among_300_good_ones(chaos: Chaos):
