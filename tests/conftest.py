@@ -178,16 +178,17 @@ def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 30,
     step: Callable[[], None] | None = None,
-    what: str = "condition",
+    what: str | Callable[[], str] = "condition",
 ) -> Any:
-    """Poll a condition (running `step` between looks) until true; fail after `timeout`."""
+    """Poll a condition (running `step` between looks) until true; fail after `timeout`
+    (`what` names it in the failure; a callable is asked then, to show the latest state)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         if step is not None:
             step()
         time.sleep(0.02)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import random
 import socket
 import ssl
 import threading
@@ -23,6 +24,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free ports, below the kernel's ephemeral range (32768
+    and up) so that no outgoing connection takes one of them before the test binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Writing outcomes as messages finish, not when their broker batch does.
 
 One `Completer` per worker process. Each finished message hands it its outcome; a single
-writer task gathers what arrived within a short linger (or up to a size bound) and writes it
-with one `finish_attempts` statement. Fetch batches stay large (one claim per broker message),
-while the window in which a killed worker has sent mail it has not recorded is a time: the
-linger plus one write, milliseconds. River's batch completer works the same way (see
+writer task writes it at once when idle, and whatever arrived during a write (up to a size
+bound) with the next `finish_attempts` statement. Fetch batches stay large (one claim per broker message),
+while the window in which a killed worker has sent mail it has not recorded is a time: one
+write, milliseconds. River's batch completer works the same way (see
 docs/design.md, "Outcomes: the completer").
 """
 
@@ -25,11 +25,11 @@ from outbox import logs
 
 log = logs.get("outbox.worker")
 
-# How long the oldest pending outcome waits for others to join its write, and how many one
-# write takes at most. A killed worker has sent, but not recorded, what finished within about
-# linger + one write (10-20 ms on a saturated 2-core machine); a busy process still writes
-# tens of outcomes per statement, because what finishes during a write goes into the next.
-LINGER_SECONDS = 0.005
+# How long the oldest pending outcome of a busy process waits for others to join its write
+# (none: what finishes during a write goes into the next one, which batches enough), and how
+# many one write takes at most. A killed worker has sent, but not recorded, what finished
+# within the linger plus one write.
+LINGER_SECONDS = 0.0
 MAX_PER_WRITE = 500
 
 # Writes a list of outcome params; returns the ids it wrote (rows whose lease was lost are not).

@@ -49,10 +49,11 @@ def test_worker_sigkill_after_100_of_300_resends_only_its_unrecorded_window(chao
     assert tallies["sent"] == 300
     rate = 99 / (times[99] - times[0])
     report("worker SIGKILL after 100 of 300 at full speed", chaos, tallies, msg_per_s=round(rate))
-    # Re-sent: what finished within the completer's window (linger + one write, under 20 ms on
-    # a saturated machine) and the messages whose 250 was on its way (one per session). The
-    # whole batch (up to 100 a broker message, 300 claimed here) was re-sent before.
-    assert tallies["duplicates"] <= max(30, rate * 0.025) + SESSIONS, tallies
+    # Re-sent: what finished within the completer's window (one write, a few ms; 2-14 seen at
+    # 1,900-2,400 msg/s) and the messages whose 250 was on its way (one per session). The
+    # whole batch (up to 100 a broker message, 300 claimed here) was re-sent before. The
+    # bound leaves room for a loaded machine's slower writes.
+    assert tallies["duplicates"] <= max(20, rate * 0.01) + SESSIONS, tallies
 
 
 def test_poison_row_among_300_good_ones(chaos: Chaos):

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from tests.chaos.services import OutboxProcess
 from tests.conftest import wait_until
-from tests.smtp import free_port
+from tests.smtp import free_ports
 
 
 def workers_up(p: OutboxProcess, n: int) -> None:
     wait_until(
         lambda: p.output().count("worker started") >= n,
         timeout=30,
-        what=f"{n} workers started ({p.output()[-2000:]})",
+        what=lambda: f"{n} workers started ({p.output()[-2000:]})",
     )
 
 
@@ -58,7 +58,7 @@ def test_sigterm_reaches_every_child_at_once_and_all_stop(start):
 
 
 def test_crashed_child_is_logged_and_restarted_on_its_metrics_port_with_backoff(start):
-    port = free_port()
+    port = free_ports(2)
     p = start("worker", "--processes", "2", "--metrics-port", str(port))
     workers_up(p, 2)
     wait_until(lambda: metrics_up(port) and metrics_up(port + 1), what="metrics on P and P+1")
