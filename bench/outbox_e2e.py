@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 
+from bench import pgload
 from bench.common import (
     FROM_ADDR,
     GATEWAY_ADDR,
@@ -112,9 +113,12 @@ def make_template(env: Env) -> str:
     return name
 
 
-def insert_rows(url: str, n: int, first: int = 1) -> None:
+def insert_rows(url: str, n: int, first: int = 1) -> float:
+    """Insert rows `first`..; returns the Postgres CPU seconds the INSERT took."""
     with connect(url) as conn:
+        before = pgload.backend_cpu(conn)
         conn.execute(INSERT_OUTBOX_SQL, insert_params(first, first + n - 1))
+        return pgload.backend_cpu(conn) - before
 
 
 def _counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
@@ -149,6 +153,14 @@ class Throughput:
     # Client CPU (the `outbox run` tree, not Postgres/Redis/sink) per message, between 10% of
     # the rows sent and the last: what the workers spend per email.
     cpu_ms_per_msg: float | None = None
+    # With pg=True (bench/pgload.py): Postgres CPU (the database's backends) and WAL bytes per
+    # message, of the INSERT and of the run (process start -> last row), and the row versions
+    # the outbox tables got (pg_stat_user_tables, insert included).
+    pg_insert_cpu_ms_per_msg: float | None = None
+    pg_cpu_ms_per_msg: float | None = None
+    insert_wal_per_msg: float | None = None
+    wal_per_msg: float | None = None
+    rows: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -171,14 +183,17 @@ def throughput(
     label: str = "e2e",
     timeout: float | None = None,
     pre_sql: str | None = None,
+    pg: bool = False,
 ) -> Throughput:
     """Insert `n` rows, run `outbox run --until-idle`, time from its start until every row is
-    `sent` (the last `sent_at`)."""
+    `sent` (the last `sent_at`). With `pg`, also what the insert and the run cost Postgres."""
     env.runs += 1
     database = env.dbs.create(f"{label}{env.runs}", template=env.template)
     url = env.dbs.url(database)
     namespace = env.namespace()
-    insert_rows(url, n)
+    wal0 = pgload.wal_lsn(env.dbs.admin_url) if pg else 0
+    insert_cpu = insert_rows(url, n)
+    insert_wal = pgload.wal_lsn(env.dbs.admin_url) - wal0 if pg else 0
     if pre_sql:
         with connect(url) as conn:
             conn.execute(pre_sql)  # type: ignore[arg-type]
@@ -189,8 +204,13 @@ def throughput(
         args += ["--threads", str(threads)]
     log_path = env.workdir / f"{label}{env.runs}.log"
     deadline_s = timeout if timeout is not None else max(60.0, n / 20)
+    pg_sampler: pgload.PgSampler | None = None
     try:
         with open(log_path, "wb") as log, connect(url) as conn:
+            if pg:
+                pg_sampler = pgload.PgSampler(
+                    env.dbs.admin_url, database, exclude={conn.info.backend_pid}
+                ).start()
             t0_wall = time.time()
             t0 = time.monotonic()
             proc = subprocess.Popen(
@@ -224,6 +244,8 @@ def throughput(
             finally:
                 _stop(proc)
                 sampler.stop()
+                pg_cost = pg_sampler.stop() if pg_sampler is not None else None
+        rows = pgload.row_stats(url) if pg else {}
         return Throughput(
             n=n,
             seconds=float(last) - t0_wall,
@@ -233,6 +255,11 @@ def throughput(
             processes_seen=sampler.process_count(),
             exit_code=proc.returncode,
             cpu_ms_per_msg=(done_cpu - warm_cpu) * 1000 / (n - warm_sent) if n > warm_sent else None,
+            pg_insert_cpu_ms_per_msg=insert_cpu * 1000 / n if pg else None,
+            pg_cpu_ms_per_msg=pg_cost[0] * 1000 / n if pg_cost else None,
+            insert_wal_per_msg=insert_wal / n if pg else None,
+            wal_per_msg=pg_cost[1] / n if pg_cost else None,
+            rows=rows,
         )
     finally:
         env.dbs.drop(database)

@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 
 from bench import outbox_e2e as e2e
+from bench import pgload
 from bench.common import POLL_SECONDS
 from bench.infra import PG_ADMIN_DEFAULT, REDIS_DEFAULT, Databases, RssSampler, load_average, machine_facts
 from bench.sink import Sink, smtp_source_path
@@ -63,6 +64,16 @@ ROW_CLAIM_FULL = "claim_due (500 due), with finished `sent` rows"
 ROW_CLAIM_PLAN = "claim plan uses partial index message_due_idx"
 ROW_RSS_MAX = "worker RSS, max per process"
 ROW_RSS_GROWTH = "worker RSS growth during run"
+# The long-backlog comparison (--full, or alone with --backlog): N queued rows, each system once
+# per round, with what each costs Postgres (bench/pgload.py).
+ROW_BL_OUTBOX = "backlog: outbox-worker `outbox run --until-idle`"
+ROW_BL_DJANGO = "backlog: django-post-office send_queued_mail"
+ROW_BL_RAW = "backlog: raw aiosmtplib, 8 conns, EmailMessage, no database"
+ROW_BL_RATIO = "backlog: ratio outbox / django-post-office"
+ROW_BL_PG = "backlog: Postgres CPU per email, outbox-worker"
+ROW_BL_WAL = "backlog: WAL bytes per email, outbox-worker"
+ROW_BL_ROWS = "backlog: row versions per email, outbox-worker"
+BACKLOG_ROWS = [ROW_BL_OUTBOX, ROW_BL_DJANGO, ROW_BL_RAW, ROW_BL_RATIO, ROW_BL_PG, ROW_BL_WAL, ROW_BL_ROWS]
 ROWS = [
     ROW_SINK,
     ROW_CEILING,
@@ -84,6 +95,7 @@ ROWS = [
     ROW_CLAIM_PLAN,
     ROW_RSS_MAX,
     ROW_RSS_GROWTH,
+    *BACKLOG_ROWS,
 ]
 TABLE_HEADER = "| measurement | result | target | met | notes |"
 
@@ -130,10 +142,15 @@ class Mode:
     claim_sent_rows: int
     soak_n: int
     processes: tuple[int, ...] = (1, 2, 4)
+    backlog_n: int = 0
+    backlog_runs: int = 2
 
 
 QUICK = Mode("quick", n=300, runs=1, latency_seconds=3, claim_sent_rows=100_000, soak_n=0)
-FULL = Mode("full", n=3000, runs=3, latency_seconds=20, claim_sent_rows=1_000_000, soak_n=20_000)
+FULL = Mode(
+    "full", n=3000, runs=3, latency_seconds=20, claim_sent_rows=1_000_000, soak_n=20_000, backlog_n=30_000
+)
+BACKLOG_N = 30_000
 
 
 @dataclass
@@ -147,6 +164,13 @@ class Measured:
     notes: str = ""
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Postgres per message (bench/pgload.py), per run: CPU ms and WAL bytes of the sending run,
+    # and of the INSERT that queued the messages; row versions of the last run.
+    pg_cpu_ms: list[float] = field(default_factory=list)
+    wal: list[float] = field(default_factory=list)
+    pg_insert_cpu_ms: list[float] = field(default_factory=list)
+    insert_wal: list[float] = field(default_factory=list)
+    rows: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def median(self) -> float | None:
@@ -191,6 +215,17 @@ def _attempt(m: Measured, one_run: Callable[[Measured], None]) -> None:
             exc.stderr.strip().splitlines()[-1:] if isinstance(exc, subprocess.CalledProcessError) else ""
         )
         m.error = f"{type(exc).__name__}: {exc} {detail}".strip()
+
+
+def _rounds(
+    systems: list[tuple[str, Measured, Callable[[Measured], None]]], runs: int, n: int, what: str
+) -> None:
+    """Every system once per round, rounds interleaved, so that whatever else the machine is
+    doing weighs on all of them alike."""
+    for k in range(runs):
+        for name, m, one_run in systems:
+            say(f"{what} {k + 1}/{runs}: {name} (N={n:,}); load average {load_average()}")
+            _attempt(m, one_run)
 
 
 # -- the systems --------------------------------------------------------------------------------
@@ -246,7 +281,9 @@ def django_setup(m: Measured) -> Path | None:
     return python
 
 
-def django_run(python: Path, dbs: Databases, port: int, n: int, workdir: Path) -> Callable[[Measured], None]:
+def django_run(
+    python: Path, dbs: Databases, port: int, n: int, workdir: Path, pg: bool = False
+) -> Callable[[Measured], None]:
     info = psycopg.conninfo.conninfo_to_dict(dbs.admin_url)
     pg = ["--pg-host", str(info.get("host", "127.0.0.1")), "--pg-port", str(info.get("port", "5432"))]
     pg += ["--pg-user", str(info.get("user", "postgres"))]
@@ -266,6 +303,11 @@ def django_run(python: Path, dbs: Databases, port: int, n: int, workdir: Path) -
             args = [str(python), "-m", "bench.django_po", "send", "--db", name, "--port", str(port), *pg]
             args += ["--lockfile", str(workdir / f"post-office-{k}")]
             with open(log_path, "wb") as log, psycopg.connect(dbs.url(name), autocommit=True) as conn:
+                pg_sampler = (
+                    pgload.PgSampler(dbs.admin_url, name, exclude={conn.info.backend_pid}).start()
+                    if pg
+                    else None
+                )
                 t0_wall = time.time()
                 proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log)
                 sampler = RssSampler(proc.pid).start()
@@ -299,6 +341,10 @@ def django_run(python: Path, dbs: Databases, port: int, n: int, workdir: Path) -
                     if proc.poll() is None:
                         proc.kill()
                         proc.wait(timeout=10)
+                    if pg_sampler is not None:
+                        pg_cpu, wal = pg_sampler.stop()
+                        m.pg_cpu_ms.append(pg_cpu * 1000 / n)
+                        m.wal.append(wal / n)
             m.rates.append(n / (float(last) - t0_wall))
             m.startups.append(float(first) - t0_wall)
             if 0 <= warm_sent < n:
@@ -317,6 +363,12 @@ def outbox_run(env: e2e.Env, n: int, results: list[e2e.Throughput] | None = None
         m.steady.append(r.steady_rate)
         if r.cpu_ms_per_msg is not None:
             m.cpu_ms.append(r.cpu_ms_per_msg)
+        if r.pg_cpu_ms_per_msg is not None:
+            m.pg_cpu_ms.append(r.pg_cpu_ms_per_msg)
+            m.wal.append(r.wal_per_msg or 0.0)
+            m.pg_insert_cpu_ms.append(r.pg_insert_cpu_ms_per_msg or 0.0)
+            m.insert_wal.append(r.insert_wal_per_msg or 0.0)
+            m.rows = r.rows
         if results is not None:
             results.append(r)
 
@@ -400,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--quick", action="store_true", help="small N, one run each; seconds")
     which.add_argument("--full", action="store_true", help="N=3000, median of 3 runs")
+    which.add_argument(
+        "--backlog",
+        action="store_true",
+        help="only the long-backlog comparison (30,000 queued messages; Postgres CPU, WAL, row versions)",
+    )
+    parser.add_argument("--backlog-n", type=int, help=f"messages of the backlog runs (default {BACKLOG_N:,})")
+    parser.add_argument("--backlog-runs", type=int, help="rounds of the backlog comparison (default 2)")
     parser.add_argument("--no-django", action="store_true", help="skip django-post-office (no installs)")
     parser.add_argument("--n", type=int, help="messages per throughput run")
     parser.add_argument("--runs", type=int, help="runs per system (the median is reported)")
@@ -427,12 +486,14 @@ def main(argv: list[str] | None = None) -> int:
 
     base = FULL if args.full else QUICK
     mode = Mode(
-        base.name,
+        "backlog" if args.backlog else base.name,
         n=args.n or base.n,
         runs=args.runs or base.runs,
         latency_seconds=base.latency_seconds,
         claim_sent_rows=args.claim_rows if args.claim_rows is not None else base.claim_sent_rows,
         soak_n=args.soak_n if args.soak_n is not None else base.soak_n,
+        backlog_n=args.backlog_n or (BACKLOG_N if args.backlog else base.backlog_n),
+        backlog_runs=args.backlog_runs or base.backlog_runs,
     )
     _require_loopback(args.pg_admin_url, args.redis_url)
 
@@ -455,7 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         facts["load average at start (1/5/15 min)"] = load_average()
         say(f"sink: {sink.kind} on 127.0.0.1:{sink.port}; logs in {workdir}")
         report.row(ROW_SINK, sink.kind, notes=f"127.0.0.1:{sink.port}; every system sends here")
-        _measure(report, mode, args, dbs, sink, workdir, _ENVS.append)
+        if args.backlog:
+            env = e2e.Env(dbs=dbs, redis_url=args.redis_url, sink_port=sink.port, workdir=workdir)
+            _ENVS.append(env)
+            e2e.make_template(env)
+            _measure_backlog(report, mode, args, dbs, sink, workdir, env)
+        else:
+            _measure(report, mode, args, dbs, sink, workdir, _ENVS.append)
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
         return 130
@@ -531,10 +598,7 @@ def _measure(
     systems.append(("outbox-worker default", outbox, outbox_run(env, n, default_runs)))
     for p, m in scaling.items():
         systems.append((f"outbox-worker --processes {p}", m, outbox_run(env, n, processes=p)))
-    for k in range(runs):
-        for name, m, one_run in systems:
-            say(f"round {k + 1}/{runs}: {name} (N={n}); load average {load_average()}")
-            _attempt(m, one_run)
+    _rounds(systems, runs, n, "round")
 
     if ceiling.rates or ceiling.error:
         report.row(
@@ -664,6 +728,9 @@ def _measure(
             f"{rss_what}; largest growth of one process from 10% of rows sent to the last",
         )
 
+    if mode.backlog_n:
+        _measure_backlog(report, mode, args, dbs, sink, workdir, env)
+
     # -- optional: settings variants (each paired with a default run) and a profile ----------
     if args.experiments:
         # Each round: one default run, then every variant; ratios are to that round's default.
@@ -722,6 +789,103 @@ def _measure(
                 report.profile = [f"py-spy wrote no profile ({m.error or 'no output'})"]
         except (subprocess.SubprocessError, OSError) as exc:
             report.profile = [f"profile not taken: {exc}"]
+
+
+def _pg_text(m: Measured) -> str:
+    if not m.pg_cpu_ms:
+        return ""
+    text = f"Postgres CPU {statistics.median(m.pg_cpu_ms):.3f} ms/msg"
+    if m.pg_insert_cpu_ms:
+        text += f" (+ INSERT {statistics.median(m.pg_insert_cpu_ms):.3f})"
+    text += f", WAL {statistics.median(m.wal):,.0f} B/msg"
+    if m.insert_wal:
+        text += f" (+ INSERT {statistics.median(m.insert_wal):,.0f})"
+    return text
+
+
+def row_versions(rows: dict[str, dict[str, int]], n: int) -> tuple[float, str]:
+    """Row versions written per message (inserts + updates + deletes over the outbox tables),
+    and how they split."""
+    total = sum(r["ins"] + r["upd"] + r["del"] for r in rows.values())
+    parts = []
+    for table in pgload.TABLES:
+        r = rows.get(table)
+        if r and (r["ins"] or r["upd"]):
+            parts.append(
+                f"{table}: {r['ins'] / n:.2f} inserted, {r['upd'] / n:.2f} updated"
+                f" ({r['hot_upd'] / n:.2f} HOT), {r['dead'] / n:.2f} dead at the end"
+            )
+    return total / n, "; ".join(parts)
+
+
+def _measure_backlog(
+    report: Report,
+    mode: Mode,
+    args: argparse.Namespace,
+    dbs: Databases,
+    sink: Sink,
+    workdir: Path,
+    env: e2e.Env,
+) -> None:
+    """Issue 17: a long backlog (30,000 queued rows) drained by each system, once per round,
+    rounds interleaved; msg/s, client CPU, Postgres CPU and WAL per email."""
+    n, runs = mode.backlog_n, mode.backlog_runs
+    raw, django, outbox = Measured(), Measured(), Measured()
+    systems: list[tuple[str, Measured, Callable[[Measured], None]]] = [
+        ("outbox-worker", outbox, outbox_run(env, n, label="backlog", pg=True)),
+    ]
+    if args.no_django:
+        django.error = "skipped (--no-django)"
+    else:
+        python = django_setup(django)
+        if python is not None:
+            systems.append(
+                ("django-post-office", django, django_run(python, dbs, sink.port, n, workdir, pg=True))
+            )
+    systems.append(("raw aiosmtplib EmailMessage", raw, baseline_run("emailmessage", sink.port, n)))
+    _rounds(systems, runs, n, "backlog round")
+    report.check("backlog outbox-worker", outbox)
+    report.check("backlog raw aiosmtplib", raw)
+    rate = outbox.median
+    report.row(
+        ROW_BL_OUTBOX,
+        _rate_text(outbox),
+        ">= 3,500 msg/s",
+        rate >= 3500 if rate else None,
+        f"N={n:,} queued; " + "; ".join(x for x in (_runs_text(outbox), _pg_text(outbox)) if x),
+    )
+    report.row(
+        ROW_BL_DJANGO,
+        _rate_text(django) if not args.no_django else "skipped",
+        notes="; ".join(x for x in (_runs_text(django), _pg_text(django)) if x) or "--no-django",
+    )
+    report.row(ROW_BL_RAW, _rate_text(raw), notes=_runs_text(raw))
+    _ratio_row(report, ROW_BL_RATIO, outbox, django, 4.0, "django-post-office")
+    if outbox.pg_cpu_ms:
+        total = statistics.median(
+            a + b for a, b in zip(outbox.pg_cpu_ms, outbox.pg_insert_cpu_ms, strict=True)
+        )
+        report.row(
+            ROW_BL_PG,
+            f"{total:.3f} ms",
+            "<= 0.2 ms",
+            total <= 0.2,
+            f"INSERT + run, median of {len(outbox.pg_cpu_ms)}; {_pg_text(outbox)}; "
+            f"django-post-office's run: {statistics.median(django.pg_cpu_ms):.3f} ms"
+            if django.pg_cpu_ms
+            else f"INSERT + run; {_pg_text(outbox)}",
+        )
+        wal = statistics.median(a + b for a, b in zip(outbox.wal, outbox.insert_wal, strict=True))
+        dj = f"; django-post-office's run: {statistics.median(django.wal):,.0f} B" if django.wal else ""
+        report.row(
+            ROW_BL_WAL,
+            f"{wal:,.0f} B",
+            notes="INSERT + run; the cluster's WAL, so other work on the server counts too" + dj,
+        )
+        versions, split = row_versions(outbox.rows, n)
+        report.row(ROW_BL_ROWS, f"{versions:.2f}", notes=f"pg_stat_user_tables, last run: {split}")
+    for key, m in (("backlog_outbox", outbox), ("backlog_django", django), ("backlog_raw", raw)):
+        report.data[key] = asdict(m)
 
 
 def _experiment_kwargs(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,115 @@
+"""What a run costs Postgres: CPU of the server processes working for one database, WAL bytes
+written, and row versions per table (pg_stat_user_tables).
+
+The server is shared, so CPU is counted per process: every backend (and autovacuum worker)
+whose `pg_stat_activity.datname` is the run's database, sampled from /proc every 50 ms by a
+thread on a connection to the admin database (not counted). A backend that exits between two
+samples loses at most its last 50 ms. WAL is the cluster's `pg_current_wal_lsn()` delta, so
+anything else writing on the same server at the same time counts too: compare runs made in the
+same round.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from bench.infra import cpu_seconds
+
+TABLES = ("message", "attempt", "recipient")
+
+# pg_stat_user_tables counters of the outbox tables (per table: ins, upd, hot, del, dead)
+ROW_STATS_SQL = """
+SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, n_dead_tup
+  FROM pg_stat_user_tables WHERE schemaname = 'outbox' AND relname = ANY(%s)
+"""
+
+
+def wal_lsn(admin_url: str) -> int:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def row_stats(url: str) -> dict[str, dict[str, int]]:
+    """Row versions written per outbox table so far (after the writers' stats were flushed)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        rows = conn.execute(ROW_STATS_SQL, [list(TABLES)]).fetchall()
+    return {r[0]: {"ins": r[1], "upd": r[2], "hot_upd": r[3], "del": r[4], "dead": r[5]} for r in rows}
+
+
+@dataclass
+class PgSampler:
+    """CPU seconds of the server processes working for `database` (a thread, every 50 ms)."""
+
+    admin_url: str
+    database: str
+    exclude: set[int] = field(default_factory=set)
+    interval: float = 0.05
+    cpu: dict[int, float] = field(default_factory=dict)
+    base: dict[int, float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _conn: Any = None
+    wal_start: int = 0
+
+    def start(self) -> PgSampler:
+        self._conn = psycopg.connect(self.admin_url, autocommit=True)
+        self.wal_start = self._wal()
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="pg-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _wal(self) -> int:
+        row = self._conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        return int(row[0])
+
+    def sample(self) -> float:
+        """Take one sample now; CPU seconds these processes spent since start."""
+        with self._lock:
+            pids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", [self.database]
+                ).fetchall()
+            ]
+            for pid in pids:
+                if pid in self.exclude:
+                    continue
+                cpu = cpu_seconds(pid)
+                if cpu is None:
+                    continue
+                # a backend already running when sampling started counts from then on
+                self.base.setdefault(pid, cpu if self._thread is None else 0.0)
+                self.cpu[pid] = cpu
+            return sum(self.cpu[p] - self.base.get(p, 0.0) for p in self.cpu)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except psycopg.Error:
+                return
+            self._stop.wait(self.interval)
+
+    def stop(self) -> tuple[float, int]:
+        """Stop sampling; (CPU seconds, WAL bytes) since start."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        cpu = self.sample()
+        wal = self._wal() - self.wal_start
+        self._conn.close()
+        return cpu, wal
+
+
+def backend_cpu(conn: psycopg.Connection[Any]) -> float:
+    """CPU seconds of the server process behind `conn` so far."""
+    return cpu_seconds(conn.info.backend_pid) or 0.0
