@@ -175,16 +175,16 @@ SELECT m.*, c.name AS connector_name,
  WHERE m.id = %(id)s;
 
 -- attempts_of_message --
--- The attempt timeline of one message.
+-- The attempt timeline of one message (a `sent` message's last attempt is read from its row).
 SELECT attempt, connector_name, started_at, finished_at, phase, outcome, smtp_code,
        smtp_reply, error,
        round(extract(epoch FROM finished_at - started_at) * 1000)::bigint AS duration_ms
-  FROM outbox.attempt WHERE message_id = %(id)s ORDER BY id;
+  FROM outbox.attempt_history WHERE message_id = %(id)s ORDER BY id NULLS LAST;
 
 -- recipients_of_message --
--- Per-recipient results of one message.
+-- Per-recipient results of one message (a `sent` message's one recipient may be read from its row).
 SELECT addr, status, smtp_code, smtp_reply, updated_at
-  FROM outbox.recipient WHERE message_id = %(id)s ORDER BY addr;
+  FROM outbox.recipient_history WHERE message_id = %(id)s ORDER BY addr;
 
 -- select_messages --
 -- Messages an operator action would look at: by id and/or filter. A NULL parameter does not
@@ -238,6 +238,20 @@ cleared AS (
     DELETE FROM outbox.recipient r USING target t
      WHERE r.message_id = t.id AND (t.status = 'sent' OR r.status <> 'sent')
     RETURNING r.message_id),
+-- A `sent` message's sending attempt (and its one recipient's result), read from the row until
+-- now, is history the replay keeps: it becomes an attempt row, and the recipient is reset.
+kept AS (
+    INSERT INTO outbox.attempt (message_id, attempt, connector_id, connector_name, started_at,
+                                finished_at, phase, outcome, smtp_code, smtp_reply, error)
+    SELECT h.message_id, h.attempt, h.connector_id, h.connector_name,
+           coalesce(h.started_at, h.finished_at, now()), coalesce(h.finished_at, now()), h.phase,
+           h.outcome, h.smtp_code, h.smtp_reply, h.error
+      FROM outbox.attempt_history h JOIN target t ON t.id = h.message_id
+     WHERE t.status = 'sent' AND h.id IS NULL),
+implied AS (
+    SELECT h.message_id FROM outbox.recipient_history h JOIN target t ON t.id = h.message_id
+     WHERE t.status = 'sent'
+       AND NOT EXISTS (SELECT FROM outbox.recipient r WHERE r.message_id = h.message_id)),
 replayed AS (
     UPDATE outbox.message m
        SET status = 'queued',
@@ -249,7 +263,9 @@ replayed AS (
       FROM target t
      WHERE m.id = t.id
     RETURNING m.id, t.status AS was)
-SELECT id, was, (SELECT count(*) FROM cleared c WHERE c.message_id = replayed.id) AS recipients_reset
+SELECT id, was,
+       (SELECT count(*) FROM cleared c WHERE c.message_id = replayed.id)
+       + (SELECT count(*) FROM implied i WHERE i.message_id = replayed.id) AS recipients_reset
   FROM replayed ORDER BY id;
 
 -- cancel_messages --
@@ -311,10 +327,22 @@ SELECT (SELECT count(*) FROM doomed) AS messages,
 SELECT * FROM outbox.delete_finished(%(cutoff)s, %(batch)s);
 
 -- attempts_last_hour --
--- Attempts per connector and outcome over the last hour.
-SELECT coalesce(a.connector_name, c.name) AS connector, a.outcome, count(*) AS n
-  FROM outbox.attempt a LEFT JOIN outbox.connector c ON c.id = a.connector_id
- WHERE a.finished_at > now() - interval '1 hour'
+-- Attempts per connector and outcome over the last hour: the attempt rows, and the `sent`
+-- messages whose sending attempt is read from the row (through message_finished_idx: a row's
+-- sent_at is never after its updated_at).
+SELECT connector, outcome, sum(n)::bigint AS n
+  FROM (SELECT coalesce(a.connector_name, c.name) AS connector, a.outcome, count(*) AS n
+          FROM outbox.attempt a LEFT JOIN outbox.connector c ON c.id = a.connector_id
+         WHERE a.finished_at > now() - interval '1 hour'
+         GROUP BY 1, 2
+        UNION ALL
+        SELECT c.name, 'sent', count(*)
+          FROM outbox.message m LEFT JOIN outbox.connector c ON c.id = m.connector_id
+         WHERE m.status = 'sent' AND m.updated_at > now() - interval '1 hour'
+           AND m.sent_at > now() - interval '1 hour'
+           AND NOT EXISTS (SELECT FROM outbox.attempt a WHERE a.message_id = m.id
+                              AND a.outcome = 'sent' AND a.finished_at = m.sent_at)
+         GROUP BY 1) x
  GROUP BY 1, 2 ORDER BY 1 NULLS FIRST, 2;
 
 -- status_gauges --

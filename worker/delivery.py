@@ -595,9 +595,13 @@ def _decided(
 def _result(
     row: dict[str, Any], params: dict[str, Any], recipients: Mapping[str, tuple[str, int | None, str | None]]
 ) -> Result:
+    listed = [*row.get("to_addrs", ()), *row.get("cc_addrs", ()), *row.get("bcc_addrs", ())]
     params |= {
         "id": row["id"],
         "lease_token": row["lease_token"],
+        # A success whose one envelope recipient is the message's one address: the row tells
+        # that recipient's result (finish_attempts writes no recipient row for it).
+        "implied_recipient": params["status"] == "sent" and list(recipients) == listed and len(listed) == 1,
         "r_addrs": list(recipients),
         "r_status": [r[0] for r in recipients.values()],
         "r_codes": [r[1] for r in recipients.values()],

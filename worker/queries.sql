@@ -180,12 +180,18 @@ RETURNING m.id;
 -- one array per column). Returns the ids written (a row whose lease was lost is left out).
 -- A message given back to wait for its connector's limits (outcome 'waiting') was not
 -- attempted: its row says why and until when, its history gets nothing.
+-- A delivery's success is written on the row only (issue 17; views outbox.attempt_history and
+-- outbox.recipient_history read it back): a `sent` attempt gets no attempt row (the row holds
+-- its number, connector, start, phase and reply), and its recipient no row when it was the
+-- message's one address and the message has no recipient rows yet (`implied_recipient`, set
+-- by the worker; the row holds the reply).
 WITH outcome AS (
     SELECT *
       FROM jsonb_to_recordset(%(outcomes)s::jsonb)
         AS o(id bigint, lease_token uuid, status text, refund int, next_attempt_at timestamptz,
              connector_id int, connector_name text, phase text, outcome text, last_error text,
-             smtp_code int, smtp_reply text, failure bool, started_at timestamptz)),
+             smtp_code int, smtp_reply text, failure bool, started_at timestamptz,
+             implied_recipient bool)),
 done AS (
     UPDATE outbox.message m
        SET status = o.status,
@@ -197,6 +203,8 @@ done AS (
            sent_at = CASE WHEN o.status IN ('sent', 'partial') THEN now() ELSE m.sent_at END,
            first_failed_at = CASE WHEN o.failure THEN coalesce(m.first_failed_at, now())
                              ELSE m.first_failed_at END,
+           last_attempt_at = CASE WHEN o.outcome = 'sent' THEN coalesce(o.started_at, m.last_attempt_at)
+                             ELSE m.last_attempt_at END,
            lease_token = NULL, lease_expires_at = NULL, updated_at = now()
       FROM outcome o
      WHERE m.id = o.id AND m.lease_token = o.lease_token AND m.status = 'sending'
@@ -207,13 +215,17 @@ history AS (
     SELECT o.id, done.attempts + o.refund, o.connector_id, o.connector_name, o.started_at,
            o.phase, o.outcome, o.smtp_code, o.smtp_reply, o.last_error
       FROM done JOIN outcome o USING (id)
-     WHERE o.outcome <> 'waiting'),
+     WHERE o.outcome <> 'waiting'
+       AND NOT (o.outcome = 'sent' AND o.refund = 0 AND o.connector_id IS NOT NULL)),
 results AS (
     INSERT INTO outbox.recipient (message_id, addr, status, smtp_code, smtp_reply)
     SELECT r.message_id, r.addr, r.status, r.code, r.reply
       FROM jsonb_to_recordset(%(recipients)s::jsonb)
            AS r(message_id bigint, addr text, status text, code int, reply text)
       JOIN done ON done.id = r.message_id
+      JOIN outcome o ON o.id = r.message_id
+     WHERE NOT (o.implied_recipient AND o.status = 'sent' AND r.status = 'sent'
+                AND NOT EXISTS (SELECT FROM outbox.recipient x WHERE x.message_id = r.message_id))
     ON CONFLICT (message_id, addr) DO UPDATE
        SET status = EXCLUDED.status, smtp_code = EXCLUDED.smtp_code,
            smtp_reply = EXCLUDED.smtp_reply, updated_at = now())

@@ -129,7 +129,7 @@ class Chaos:
         assert not unknown, f"the server got messages the outbox does not know: {unknown}"
         explained = dict(
             self.sql(
-                "SELECT m.message_id, count(*) FROM outbox.attempt a "
+                "SELECT m.message_id, count(*) FROM outbox.attempt_history a "
                 "JOIN outbox.message m ON m.id = a.message_id "
                 "WHERE a.outcome IN ('ambiguous', 'lease-expired') GROUP BY m.message_id"
             )
@@ -139,7 +139,7 @@ class Chaos:
                 f"{mid} arrived {n} times without an ambiguous outcome to explain it"
             )
         one_writer = self.sql(
-            "SELECT message_id, count(*) FROM outbox.attempt WHERE outcome = 'sent' "
+            "SELECT message_id, count(*) FROM outbox.attempt_history WHERE outcome = 'sent' "
             "GROUP BY message_id HAVING count(*) > 1"
         )
         assert not one_writer, f"more than one attempt finalised these as sent: {one_writer}"

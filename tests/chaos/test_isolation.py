@@ -130,6 +130,6 @@ def test_final_dot_reply_slower_than_the_command_timeout(chaos: Chaos):
     chaos.wait_final()
     tallies = chaos.check_invariants()
     assert tallies["sent"] == 10 and tallies["duplicates"] == 0
-    ambiguous = chaos.sql("SELECT count(*) FROM outbox.attempt WHERE outcome <> 'sent'")[0][0]
+    ambiguous = chaos.sql("SELECT count(*) FROM outbox.attempt_history WHERE outcome <> 'sent'")[0][0]
     assert ambiguous == 0
     report("final-dot reply slower than the command timeout", chaos, tallies)

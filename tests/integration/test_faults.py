@@ -30,7 +30,10 @@ def row(db, msg_id, *cols):
 def outcomes(db, msg_id):
     return [
         r[0]
-        for r in db.execute("SELECT outcome FROM outbox.attempt WHERE message_id = %s ORDER BY id", [msg_id])
+        for r in db.execute(
+            "SELECT outcome FROM outbox.attempt_history WHERE message_id = %s ORDER BY id NULLS LAST",
+            [msg_id],
+        )
     ]
 
 
@@ -150,7 +153,9 @@ def test_reply_slower_than_the_timeout_in_the_envelope_is_retried(db, smtp, pipe
     msg_id = enqueue(db, to=["late@example.org"])
     pipeline.until_status(msg_id, "sent")
     first = db.execute(
-        "SELECT outcome, phase, error FROM outbox.attempt WHERE message_id = %s ORDER BY id LIMIT 1", [msg_id]
+        "SELECT outcome, phase, error FROM outbox.attempt_history WHERE message_id = %s"
+        " ORDER BY id NULLS LAST LIMIT 1",
+        [msg_id],
     ).fetchone()
     assert first[:2] == ("retry", "rcpt")
     assert "Timed out waiting for server response" in first[2]

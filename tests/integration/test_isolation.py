@@ -124,7 +124,9 @@ def test_lease_is_renewed_while_a_slow_server_answers(db, smtp, pipeline):
     [msg] = enqueue(db, 1)
     pipeline.until_status(msg, "sent", timeout=30)  # the poller reaps expired leases each cycle
     assert len(smtp.recorder.received) == 1
-    outcomes = [r[0] for r in db.execute("SELECT outcome FROM outbox.attempt WHERE message_id = %s", [msg])]
+    outcomes = [
+        r[0] for r in db.execute("SELECT outcome FROM outbox.attempt_history WHERE message_id = %s", [msg])
+    ]
     assert outcomes == ["sent"]
 
 

@@ -58,7 +58,9 @@ def test_ten_per_second_is_held_in_every_sliding_second(db, smtp, pipeline):
     span = max(times) - min(times)
     assert 5.9 <= span <= 8.0, f"60 messages at 10/s took {span:.2f} s"
     assert (
-        db.execute("SELECT count(*) FROM outbox.attempt WHERE message_id = ANY(%s)", [ids]).fetchone()[0]
+        db.execute(
+            "SELECT count(*) FROM outbox.attempt_history WHERE message_id = ANY(%s)", [ids]
+        ).fetchone()[0]
         == 60
     )
 
@@ -136,7 +138,8 @@ def test_throttling_replies_spend_no_attempt_so_max_attempts_2_still_delivers_al
     assert sorted(r.message["Subject"] for r in smtp.recorder.received) == [f"m{i}" for i in range(5)]
     assert all(attempts == 1 for _, attempts, _ in rows(db, ids))
     throttled = db.execute(
-        "SELECT count(*) FROM outbox.attempt WHERE message_id = ANY(%s) AND smtp_code IN (421, 454)", [ids]
+        "SELECT count(*) FROM outbox.attempt_history WHERE message_id = ANY(%s) AND smtp_code IN (421, 454)",
+        [ids],
     ).fetchone()[0]
     assert throttled >= 12
 
@@ -187,6 +190,8 @@ def test_max_recipients_3_sends_7_recipients_as_3_3_1_with_one_message_id(db, sm
     ]
     assert len({r.message_id for r in got}) == 1
     statuses = dict(
-        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg]).fetchall()
+        db.execute(
+            "SELECT addr, status FROM outbox.recipient_history WHERE message_id = %s", [msg]
+        ).fetchall()
     )
     assert statuses == dict.fromkeys(to, "sent")

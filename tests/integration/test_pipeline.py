@@ -42,7 +42,9 @@ def test_enqueued_message_arrives_and_is_marked_sent(db, smtp, pipeline):
     assert got.message_id == row[0]
     assert row[1] == 1 and row[2] is not None and row[3] is None
     results = dict(
-        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg_id]).fetchall()
+        db.execute(
+            "SELECT addr, status FROM outbox.recipient_history WHERE message_id = %s", [msg_id]
+        ).fetchall()
     )
     assert results == {
         "ann@example.org": "sent",
@@ -114,7 +116,8 @@ def test_transient_reply_retries_then_succeeds(db, smtp, pipeline):
     pipeline.until_status(msg_id, "sent")
     [_got] = smtp.recorder.wait_for(1)
     outcomes = db.execute(
-        "SELECT outcome, smtp_code FROM outbox.attempt WHERE message_id = %s ORDER BY id", [msg_id]
+        "SELECT outcome, smtp_code FROM outbox.attempt_history WHERE message_id = %s ORDER BY id NULLS LAST",
+        [msg_id],
     ).fetchall()
     assert outcomes == [("retry", 451), ("sent", 250)]
     assert db.execute("SELECT attempts FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0] == 2
@@ -178,7 +181,9 @@ def test_lost_broker_message_is_redispatched_after_lease(db, smtp, stopped_pipel
     stopped_pipeline.start()
     stopped_pipeline.until_status(msg_id, "sent", timeout=20)
     assert len(smtp.recorder.wait_for(1)) == 1
-    expired = db.execute("SELECT count(*) FROM outbox.attempt WHERE message_id = %s", [msg_id]).fetchone()[0]
+    expired = db.execute(
+        "SELECT count(*) FROM outbox.attempt_history WHERE message_id = %s", [msg_id]
+    ).fetchone()[0]
     assert expired == 1  # only the successful attempt: a lost dispatch costs no attempt
 
 
@@ -281,7 +286,8 @@ def test_worker_lost_while_sending_is_retried(db, smtp, pipeline):
     )
     pipeline.until_status(msg_id, "sent")
     history = db.execute(
-        "SELECT attempt, outcome FROM outbox.attempt WHERE message_id = %s ORDER BY id", [msg_id]
+        "SELECT attempt, outcome FROM outbox.attempt_history WHERE message_id = %s ORDER BY id NULLS LAST",
+        [msg_id],
     ).fetchall()
     assert history == [(1, "lease-expired"), (2, "sent")]
     assert len(smtp.recorder.wait_for(1)) == 1
@@ -315,7 +321,9 @@ def test_mixed_recipient_replies_end_partial(db, smtp, pipeline):
     [got] = smtp.recorder.wait_for(1)
     assert got.rcpt_tos == ["ok@example.org"]
     results = dict(
-        db.execute("SELECT addr, status FROM outbox.recipient WHERE message_id = %s", [msg_id]).fetchall()
+        db.execute(
+            "SELECT addr, status FROM outbox.recipient_history WHERE message_id = %s", [msg_id]
+        ).fetchall()
     )
     assert results == {"ok@example.org": "sent", "gone@example.org": "failed"}
     assert (
