@@ -160,6 +160,7 @@ class Throughput:
     pg_cpu_ms_per_msg: float | None = None
     insert_wal_per_msg: float | None = None
     wal_per_msg: float | None = None
+    fpi_per_msg: float | None = None  # of wal_per_msg: full-page images
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -193,7 +194,7 @@ def throughput(
     namespace = env.namespace()
     wal0 = pgload.wal_lsn(env.dbs.admin_url) if pg else 0
     insert_cpu = insert_rows(url, n)
-    insert_wal = pgload.wal_lsn(env.dbs.admin_url) - wal0 if pg else 0
+    insert_wal = pgload.database_wal(url, wal0, pgload.wal_lsn(env.dbs.admin_url)) if pg else 0
     if pre_sql:
         with connect(url) as conn:
             conn.execute(pre_sql)  # type: ignore[arg-type]
@@ -244,7 +245,8 @@ def throughput(
             finally:
                 _stop(proc)
                 sampler.stop()
-                pg_cost = pg_sampler.stop() if pg_sampler is not None else None
+                pg_cost = pg_sampler.stop(url) if pg_sampler is not None else None
+                fpi = pgload.last_fpi_bytes
         rows = pgload.row_stats(url) if pg else {}
         return Throughput(
             n=n,
@@ -259,6 +261,7 @@ def throughput(
             pg_cpu_ms_per_msg=pg_cost[0] * 1000 / n if pg_cost else None,
             insert_wal_per_msg=insert_wal / n if pg else None,
             wal_per_msg=pg_cost[1] / n if pg_cost else None,
+            fpi_per_msg=fpi / n if pg_cost else None,
             rows=rows,
         )
     finally:

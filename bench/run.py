@@ -168,6 +168,7 @@ class Measured:
     # and of the INSERT that queued the messages; row versions of the last run.
     pg_cpu_ms: list[float] = field(default_factory=list)
     wal: list[float] = field(default_factory=list)
+    fpi: list[float] = field(default_factory=list)  # of wal: full-page images
     pg_insert_cpu_ms: list[float] = field(default_factory=list)
     insert_wal: list[float] = field(default_factory=list)
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -342,9 +343,10 @@ def django_run(
                         proc.kill()
                         proc.wait(timeout=10)
                     if pg_sampler is not None:
-                        pg_cpu, wal = pg_sampler.stop()
+                        pg_cpu, wal = pg_sampler.stop(dbs.url(name))
                         m.pg_cpu_ms.append(pg_cpu * 1000 / n)
                         m.wal.append(wal / n)
+                        m.fpi.append(pgload.last_fpi_bytes / n)
             m.rates.append(n / (float(last) - t0_wall))
             m.startups.append(float(first) - t0_wall)
             if 0 <= warm_sent < n:
@@ -366,6 +368,7 @@ def outbox_run(env: e2e.Env, n: int, results: list[e2e.Throughput] | None = None
         if r.pg_cpu_ms_per_msg is not None:
             m.pg_cpu_ms.append(r.pg_cpu_ms_per_msg)
             m.wal.append(r.wal_per_msg or 0.0)
+            m.fpi.append(r.fpi_per_msg or 0.0)
             m.pg_insert_cpu_ms.append(r.pg_insert_cpu_ms_per_msg or 0.0)
             m.insert_wal.append(r.insert_wal_per_msg or 0.0)
             m.rows = r.rows
@@ -798,6 +801,8 @@ def _pg_text(m: Measured) -> str:
     if m.pg_insert_cpu_ms:
         text += f" (+ INSERT {statistics.median(m.pg_insert_cpu_ms):.3f})"
     text += f", WAL {statistics.median(m.wal):,.0f} B/msg"
+    if m.fpi:
+        text += f" (full-page images {statistics.median(m.fpi):,.0f})"
     if m.insert_wal:
         text += f" (+ INSERT {statistics.median(m.insert_wal):,.0f})"
     return text
@@ -880,7 +885,7 @@ def _measure_backlog(
         report.row(
             ROW_BL_WAL,
             f"{wal:,.0f} B",
-            notes="INSERT + run; the cluster's WAL, so other work on the server counts too" + dj,
+            notes="INSERT + run; this database's records (pg_walinspect; else the cluster's WAL)" + dj,
         )
         versions, split = row_versions(outbox.rows, n)
         report.row(ROW_BL_ROWS, f"{versions:.2f}", notes=f"pg_stat_user_tables, last run: {split}")
