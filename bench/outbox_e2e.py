@@ -210,7 +210,7 @@ def throughput(
         with open(log_path, "wb") as log, connect(url) as conn:
             if pg:
                 pg_sampler = pgload.PgSampler(
-                    env.dbs.admin_url, database, exclude={conn.info.backend_pid}
+                    env.dbs.admin_url, database, exclude={conn.info.backend_pid}, url=url
                 ).start()
             t0_wall = time.time()
             t0 = time.monotonic()
@@ -245,7 +245,7 @@ def throughput(
             finally:
                 _stop(proc)
                 sampler.stop()
-                pg_cost = pg_sampler.stop(url) if pg_sampler is not None else None
+                pg_cost = pg_sampler.stop() if pg_sampler is not None else None
                 fpi = pgload.last_fpi_bytes
         rows = pgload.row_stats(url) if pg else {}
         return Throughput(

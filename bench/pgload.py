@@ -4,14 +4,18 @@ written, and row versions per table (pg_stat_user_tables).
 The server is shared, so CPU is counted per process: every backend (and autovacuum worker)
 whose `pg_stat_activity.datname` is the run's database, sampled from /proc every 50 ms by a
 thread on a connection to the admin database (not counted). A backend that exits between two
-samples loses at most its last 50 ms. WAL is the cluster's `pg_current_wal_lsn()` delta, so
-anything else writing on the same server at the same time counts too: compare runs made in the
-same round.
+samples loses at most its last 50 ms. WAL is what pg_walinspect finds for the database's
+relations (records whose block references name it, and the commit records of their
+transactions), read every second while the run goes on (the server recycles segments after a
+checkpoint); where pg_walinspect is not available (or a segment was recycled before it was
+read), the cluster's flushed-LSN delta, which counts anything else written on the server at the
+same time too.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +34,7 @@ SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, n_dead_tup
 
 def wal_lsn(admin_url: str) -> int:
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        row = conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()
     assert row is not None
     return int(row[0])
 
@@ -94,17 +98,38 @@ class PgSampler:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _conn: Any = None
     wal_start: int = 0
+    # pg_walinspect, read every second (the server recycles WAL segments after checkpoints, so a
+    # long run cannot be read back at its end): bytes and full-page images found so far.
+    url: str = ""
+    _wal_conn: Any = None
+    _wal_read_to: int = 0
+    _wal_at: float = 0.0
+    db_wal: int = 0
+    db_fpi: int = 0
+    _pattern: str = ""
 
     def start(self) -> PgSampler:
         self._conn = psycopg.connect(self.admin_url, autocommit=True)
         self.wal_start = self._wal()
+        if self.url:
+            try:
+                self._wal_conn = psycopg.connect(self.url, autocommit=True)
+                self._wal_conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+                oid = self._wal_conn.execute(
+                    "SELECT oid FROM pg_database WHERE datname = current_database()"
+                ).fetchone()[0]
+                self._pattern = f"%/{oid}/%"
+                self.exclude.add(self._wal_conn.info.backend_pid)
+                self._wal_read_to = self.wal_start
+            except psycopg.Error:
+                self._wal_conn = None
         self.sample()
         self._thread = threading.Thread(target=self._loop, name="pg-sampler", daemon=True)
         self._thread.start()
         return self
 
     def _wal(self) -> int:
-        row = self._conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        row = self._conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()
         return int(row[0])
 
     def sample(self) -> float:
@@ -127,23 +152,52 @@ class PgSampler:
                 self.cpu[pid] = cpu
             return sum(self.cpu[p] - self.base.get(p, 0.0) for p in self.cpu)
 
+    def _read_wal(self) -> None:
+        """Add up this database's WAL records written since the last read."""
+        if self._wal_conn is None:
+            return
+        end = self._wal()
+        try:
+            got = self._wal_conn.execute(
+                DB_WAL_SQL, {"start": self._wal_read_to, "end": end, "pattern": self._pattern}
+            ).fetchone()
+        except psycopg.Error:
+            self._wal_conn.close()
+            self._wal_conn = None  # recycled already: the cluster's delta is what is left
+            return
+        self.db_wal += int(got[0])
+        self.db_fpi += int(got[1])
+        self._wal_read_to = end
+
     def _loop(self) -> None:
+
         while not self._stop.is_set():
             try:
                 self.sample()
+                if time.monotonic() - self._wal_at >= 1.0:
+                    self._read_wal()
+                    self._wal_at = time.monotonic()
             except psycopg.Error:
                 return
             self._stop.wait(self.interval)
 
-    def stop(self, url: str) -> tuple[float, int]:
-        """Stop sampling; (CPU seconds, WAL bytes for the database at `url`) since start."""
+    def stop(self) -> tuple[float, int]:
+        """Stop sampling; (CPU seconds, WAL bytes for the database) since start. The full-page
+        images of those bytes go to `last_fpi_bytes`."""
+        global last_fpi_bytes
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         cpu = self.sample()
+        self._read_wal()
         wal_end = self._wal()
         self._conn.close()
-        return cpu, database_wal(url, self.wal_start, wal_end)
+        if self._wal_conn is not None:
+            self._wal_conn.close()
+            last_fpi_bytes = self.db_fpi
+            return cpu, self.db_wal
+        last_fpi_bytes = 0
+        return cpu, wal_end - self.wal_start
 
 
 def backend_cpu(conn: psycopg.Connection[Any]) -> float:

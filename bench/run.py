@@ -305,7 +305,9 @@ def django_run(
             args += ["--lockfile", str(workdir / f"post-office-{k}")]
             with open(log_path, "wb") as log, psycopg.connect(dbs.url(name), autocommit=True) as conn:
                 pg_sampler = (
-                    pgload.PgSampler(dbs.admin_url, name, exclude={conn.info.backend_pid}).start()
+                    pgload.PgSampler(
+                        dbs.admin_url, name, exclude={conn.info.backend_pid}, url=dbs.url(name)
+                    ).start()
                     if pg
                     else None
                 )
@@ -343,7 +345,7 @@ def django_run(
                         proc.kill()
                         proc.wait(timeout=10)
                     if pg_sampler is not None:
-                        pg_cpu, wal = pg_sampler.stop(dbs.url(name))
+                        pg_cpu, wal = pg_sampler.stop()
                         m.pg_cpu_ms.append(pg_cpu * 1000 / n)
                         m.wal.append(wal / n)
                         m.fpi.append(pgload.last_fpi_bytes / n)
