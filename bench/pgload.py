@@ -53,6 +53,8 @@ SELECT coalesce(sum(record_length), 0), coalesce(sum(fpi_length), 0)
 # change to a page after a checkpoint logs the whole page, so their share follows how often
 # checkpoints come (other work on the server included), not the work per email.
 last_fpi_bytes = 0
+# Where the last WAL figure came from: "database" (pg_walinspect) or "cluster" (the LSN delta).
+last_wal_source = "cluster"
 
 
 def database_wal(url: str, start: int, end: int) -> int:
@@ -184,7 +186,7 @@ class PgSampler:
     def stop(self) -> tuple[float, int]:
         """Stop sampling; (CPU seconds, WAL bytes for the database) since start. The full-page
         images of those bytes go to `last_fpi_bytes`."""
-        global last_fpi_bytes
+        global last_fpi_bytes, last_wal_source
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -194,9 +196,9 @@ class PgSampler:
         self._conn.close()
         if self._wal_conn is not None:
             self._wal_conn.close()
-            last_fpi_bytes = self.db_fpi
+            last_fpi_bytes, last_wal_source = self.db_fpi, "database"
             return cpu, self.db_wal
-        last_fpi_bytes = 0
+        last_fpi_bytes, last_wal_source = 0, "cluster"
         return cpu, wal_end - self.wal_start
 
 

@@ -884,11 +884,13 @@ def _measure_backlog(
         )
         wal = statistics.median(a + b for a, b in zip(outbox.wal, outbox.insert_wal, strict=True))
         dj = f"; django-post-office's run: {statistics.median(django.wal):,.0f} B" if django.wal else ""
-        report.row(
-            ROW_BL_WAL,
-            f"{wal:,.0f} B",
-            notes="INSERT + run; this database's records (pg_walinspect; else the cluster's WAL)" + dj,
+        source = (
+            "this database's records (pg_walinspect)"
+            if pgload.last_wal_source == "database"
+            else "the cluster's WAL (pg_walinspect lost segments to checkpoints): other work on the"
+            " server counts too"
         )
+        report.row(ROW_BL_WAL, f"{wal:,.0f} B", notes=f"INSERT + run; {source}" + dj)
         versions, split = row_versions(outbox.rows, n)
         report.row(ROW_BL_ROWS, f"{versions:.2f}", notes=f"pg_stat_user_tables, last run: {split}")
     for key, m in (("backlog_outbox", outbox), ("backlog_django", django), ("backlog_raw", raw)):
