@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -28,7 +29,7 @@ def browser() -> Iterator[WebDriver]:
         if not shutil.which(exe):
             pytest.fail(
                 f"{exe} is missing: install Debian's chromium and chromium-driver "
-                "(scripts/bootstrap.sh does, as root)",
+                "(scripts/test-tools.sh does, as root)",
                 pytrace=False,
             )
     profile = tempfile.mkdtemp(prefix="outbox-chromium-")
@@ -62,7 +63,12 @@ def page(browser: WebDriver) -> Iterator[WebDriver]:
 
 
 def wait(browser: WebDriver, condition: Callable[[WebDriver], object], what: str = "the page") -> object:
-    return WebDriverWait(browser, WAIT_SECONDS).until(condition, message=f"timed out waiting for {what}")
+    """Until `condition` holds. An element that went stale (the page was replaced while the
+    condition read it, e.g. after a filter's submit) means "not yet", as a person would look
+    again."""
+    return WebDriverWait(browser, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,)).until(
+        condition, message=f"timed out waiting for {what}"
+    )
 
 
 def login(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from outbox.errors import ValidationError
+from outbox.core.errors import ValidationError
 
 UNITS = {"s": 1, "min": 60, "h": 3600, "day": 86400}
 _ALIASES = {
