@@ -48,7 +48,9 @@ def _status_literals(sql: str) -> set[str]:
     "text",
     [
         pytest.param(lambda: (ROOT / "schema.sql").read_text(), id="schema.sql"),
-        pytest.param(lambda: resources.files("outbox.store").joinpath("queries.sql").read_text(), id="outbox"),
+        pytest.param(
+            lambda: resources.files("outbox.store").joinpath("queries.sql").read_text(), id="outbox"
+        ),
         pytest.param(lambda: resources.files("worker").joinpath("queries.sql").read_text(), id="worker"),
     ],
 )
