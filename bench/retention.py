@@ -129,6 +129,7 @@ class Side:
     """Every run with retention off, or every run with it on."""
 
     rates: list[float] = field(default_factory=list)
+    startups: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -160,6 +161,20 @@ def set_retention(url: str, days: int) -> None:
         conn.execute("UPDATE outbox.settings SET retention_days = %s", [days])
 
 
+def time_batches(url: str, batches: int = 5) -> list[float]:
+    """Seconds each of `batches` retention batches takes, called as the poller calls it."""
+    from outbox.store.sql import queries
+
+    sql = queries("worker")["retention_messages"]
+    took = []
+    with connect(url) as conn:
+        for _ in range(batches):
+            t = time.perf_counter()
+            conn.execute(sql, {"days": RETENTION_DAYS, "batch": 500}).fetchall()
+            took.append(time.perf_counter() - t)
+    return took
+
+
 def _observed(side: Side, activity: Activity) -> None:
     side.longest_ms.append(activity.longest_ms)
     side.retention_xacts.append(len(activity.retention_xacts))
@@ -180,6 +195,7 @@ def throughput_run(env: e2e.Env, database: str, old_max: int, n: int, side: Side
     side.seconds.append(seconds)
     side.backlog_at_start.append(backlog)
     side.rates.append(r.rate)
+    side.startups.append(r.startup)
     if r.cpu_ms_per_msg is not None:
         side.cpu_ms.append(r.cpu_ms_per_msg)
 
@@ -249,8 +265,10 @@ def report(
     load: dict[str, str],
     drained: tuple[int, float, Activity],
     fill_s: float,
+    batches: list[float],
 ) -> str:
     f, o = statistics.median(off.rates), statistics.median(on.rates)
+    ratios = [b / a for a, b in zip(off.rates, on.rates, strict=False)]
     on_rate = on.deletion_rate(on.deleted, on.seconds)
     lat_rate = on.deletion_rate(on.lat_deleted, on.lat_seconds)
     d_deleted, d_seconds, d_act = drained
@@ -260,6 +278,16 @@ def report(
     rows = [
         ("e2e throughput, median", f"{f:,.0f} msg/s", f"{o:,.0f} msg/s ({100 * (o - f) / f:+.1f} %)"),
         ("each run (msg/s)", _list(off.rates), _list(on.rates)),
+        (
+            "on / off, each pair",
+            "",
+            f"{_list(ratios, '.2f')} (median {statistics.median(ratios):.2f})",
+        ),
+        (
+            "first message sent, seconds after `outbox run` started",
+            _list(off.startups, ".2f"),
+            _list(on.startups, ".2f"),
+        ),
         ("client CPU per message, median", *cpu),
         (
             "backlog of old rows at the start of each run",
@@ -298,6 +326,8 @@ def report(
         "",
         f"load average (1/5/15 min): {'; '.join(f'{k} {v}' for k, v in load.items())}",
         f"old rows loaded (messages, attempts, recipient results; triggers off) in {fill_s:.0f} s",
+        f"one retention batch (500 messages with their history) timed directly, {len(batches)} in a row:"
+        f" median {statistics.median(batches) * 1000:.0f} ms, max {max(batches) * 1000:.0f} ms",
         "",
         "| measurement | retention off (retention-days 0) | on (retention-days 30: all old rows due) |",
         "|---|---|---|",
@@ -357,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prototype:
             apply_prototype(url)
         old_max = e2e._max_id(url)
+        batches = time_batches(url)
         for k in range(args.runs):
             for side, days in ((off, 0), (on, RETENTION_DAYS)):
                 say(f"throughput {k + 1}/{args.runs}, retention-days {days}; load average {load_average()}")
@@ -379,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         env.cleanup()
         dbs.drop_all()
         sink.stop()
-    print(report(args, off, on, load, drained, fill_s))
+    print(report(args, off, on, load, drained, fill_s, batches))
     print(f"\n(logs in {workdir})")
     return 0
 
