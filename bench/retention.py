@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         dbs.drop_all()
         sink.stop()
     print(report(args, off, on, load, drained, fill_s, batches))
-    print(f"\n(logs in {workdir})")
+    print(f"\n(SMTP sink: {sink.kind}; logs in {workdir})")
     return 0
 
 
