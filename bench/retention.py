@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.retention [--old-rows 1000000] [--n 3000] [--runs 3]
 
 One database (bench.outbox_e2e's template: the sink as System Default Gateway) is filled with
-`--old-rows` finished messages (97 % sent, the rest failed, partial, cancelled), each with one
+`--old-rows` finished messages (98 % sent, the rest failed, partial, cancelled), each with one
 attempt and, when attempted, one recipient result, all last changed 60 to 90 days ago
 (bench.lifecycle's loader, triggers off). Then, in that same database and interleaved
 (off, on, off, on, ...) so that whatever else the machine does weighs on both alike:
