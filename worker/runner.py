@@ -43,7 +43,7 @@ SIGNAL_CHECK_SECONDS = 0.05
 
 class _Worker(dramatiq.Worker):
     """Dramatiq's worker, tuned for an outbox: its one consumer polls Redis often (latency),
-    its threads wake rarely (idle CPU: 8 threads at 10 ms were 10% of a core), and it starts
+    its threads wake rarely (idle threads polling every few ms cost CPU), and it starts
     no consumer for delay queues (the outbox never delays a broker message: its schedule lives
     in Postgres). Overrides two internal hooks of dramatiq 2.x."""
 
