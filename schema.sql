@@ -28,7 +28,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (5, 'bounded_lookups'),
     (6, 'worker_connector_events'),
     (7, 'provider_limits'),
-    (8, 'implied_history')
+    (8, 'faster_retention'),
+    (9, 'implied_history')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -771,7 +772,8 @@ CREATE INDEX IF NOT EXISTS connector_event_at_idx ON outbox.connector_event (at)
 -- One batch of finished messages last changed before `cutoff`, with their history: the oldest
 -- first, rows locked by someone else left for the next batch. Used by `outbox prune` and by
 -- the poller's retention. SECURITY DEFINER: the poller's role (`outbox_worker`) may delete
--- finished messages this way and no other.
+-- finished messages this way and no other. The history goes by message id (`= ANY`, index
+-- lookups; 0008): a join with `doomed` was planned for far more rows than a batch.
 CREATE OR REPLACE FUNCTION outbox.delete_finished(cutoff timestamptz, batch integer)
 RETURNS TABLE (messages bigint, attempts bigint, recipients bigint, attachments bigint)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -781,10 +783,10 @@ WITH doomed AS MATERIALIZED (
      ORDER BY updated_at
      LIMIT batch
        FOR UPDATE SKIP LOCKED),
-a AS (DELETE FROM outbox.attempt a USING doomed d WHERE a.message_id = d.id RETURNING 1),
-r AS (DELETE FROM outbox.recipient r USING doomed d WHERE r.message_id = d.id RETURNING 1),
-x AS (DELETE FROM outbox.attachment x USING doomed d WHERE x.message_id = d.id RETURNING 1),
-m AS (DELETE FROM outbox.message m USING doomed d WHERE m.id = d.id RETURNING 1)
+a AS (DELETE FROM outbox.attempt WHERE message_id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1),
+r AS (DELETE FROM outbox.recipient WHERE message_id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1),
+x AS (DELETE FROM outbox.attachment WHERE message_id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1),
+m AS (DELETE FROM outbox.message WHERE id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1)
 SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM a), (SELECT count(*) FROM r),
        (SELECT count(*) FROM x)
 $$;
@@ -870,7 +872,7 @@ BEGIN
 END
 $$;
 
--- Implied history (migration 0008, issue 17) ------------------------------------------------
+-- Implied history (migration 0009, issue 17) ------------------------------------------------
 -- A successful delivery writes its outcome on the message row only: the attempt that sent a
 -- message, and the result of its one recipient, are read from the row.
 ALTER TABLE outbox.message SET (fillfactor = 80);

@@ -362,7 +362,7 @@ class ConnectorPool:
                     await self._quit(client)
                 else:
                     self._idle.append(client)
-            if is_connector_problem(outcome.phase, outcome.verdicts, False) and self._tripped is None:
+            if is_connector_problem(outcome.phase, outcome.verdicts) and self._tripped is None:
                 self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome

@@ -1,4 +1,4 @@
--- 0008_implied_history: a successful delivery writes its outcome on the message row only (issue
+-- 0009_implied_history: a successful delivery writes its outcome on the message row only (issue
 -- 17): the attempt that sent a message, and the result of its one recipient, are read from the
 -- row (views outbox.attempt_history and outbox.recipient_history) instead of being written as
 -- rows of their own; outbox.message leaves room on each page for the new versions of its rows.
