@@ -27,7 +27,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (4, 'worker_reads_attempt_outcomes'),
     (5, 'bounded_lookups'),
     (6, 'worker_connector_events'),
-    (7, 'provider_limits')
+    (7, 'provider_limits'),
+    (8, 'max_connections_across_workers')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -857,3 +858,9 @@ BEGIN
     END;
 END
 $$;
+
+-- Max connections across workers (migration 0008) ----------------------------------------
+-- max_connections: the most concurrent SMTP sessions to the connector across all worker
+-- processes and hosts (NULL: no cap; each worker process keeps up to 4 of its own).
+ALTER TABLE outbox.connector ALTER COLUMN max_connections DROP NOT NULL;
+ALTER TABLE outbox.connector ALTER COLUMN max_connections SET DEFAULT NULL;

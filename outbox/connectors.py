@@ -86,7 +86,7 @@ class NewConnector:
     ca_file: str | None = None
     default_gateway: bool = False
     enabled: bool = True
-    max_connections: int = 4
+    max_connections: int | None = None  # across all workers; None: no cap
     timeout_seconds: float = 60.0
     # an already stored encrypted password kept by `update` (never decrypted here)
     password_enc: bytes | None = None
@@ -172,8 +172,8 @@ def _validate(new: NewConnector) -> dict[str, Any]:
 
 def _validate_limits(new: NewConnector) -> dict[str, Any]:
     """Provider limits as stored: rate limits canonical (`30/min`), caps positive or None."""
-    if not 1 <= new.max_connections <= 100:
-        raise ValidationError("--max-connections must be between 1 and 100")
+    if new.max_connections is not None and not 1 <= new.max_connections <= 100:
+        raise ValidationError("--max-connections must be between 1 and 100 (or none)")
     for flag, value in (
         ("--max-recipients", new.max_recipients),
         ("--max-messages-per-connection", new.max_messages_per_connection),

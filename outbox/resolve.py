@@ -35,7 +35,9 @@ class Connector:
     ca_file: str | None
     enabled: bool
     is_default_gateway: bool
-    max_connections: int = 4
+    # the most concurrent SMTP sessions across all workers (None: each process keeps up to
+    # `worker.transport.SESSIONS_PER_PROCESS`, with no cap across processes)
+    max_connections: int | None = None
     timeout_seconds: float = 60.0
     updated_at: datetime | None = None
     failures: int = 0

@@ -35,7 +35,7 @@ from outbox.sql import queries
 from worker import metrics
 from worker.completer import Completer, finish_params
 from worker.leases import Flight, Leases
-from worker.limiter import Limiter, Slot
+from worker.limiter import Limiter, Seats, Slot
 from worker.policy import (
     Decision,
     Verdict,
@@ -58,6 +58,9 @@ CONFIG_TTL_SECONDS = 1.0
 # A message whose connector's rate limit has a slot this close waits for it in its own
 # coroutine (holding its row); a later slot sends it back to the queue until then.
 LIMIT_WAIT_SECONDS = 2.0
+# A message that found every session of its connector's `--max-connections` taken (by other
+# workers) for that long is due again this soon.
+SEAT_RETRY_SECONDS = 1.0
 
 
 def limit_wait_seconds(settings: Settings) -> float:
@@ -132,10 +135,10 @@ class Delivery:
     def __init__(self, config: Config, pool: psycopg_pool.AsyncConnectionPool) -> None:
         self.config = config
         self.pool = pool
-        self.transport = Transport(local_hostname=config.local_hostname)
         self.completer = Completer(self._write)
         self.leases = Leases(self._renew)
         self.limiter = Limiter(config.redis_url, config.redis_namespace)
+        self.transport = Transport(local_hostname=config.local_hostname, seats=Seats(self.limiter))
         self._loaded_at = -CONFIG_TTL_SECONDS
         self._version: tuple[Any, ...] | None = None
         self._settings = Settings()
@@ -329,9 +332,10 @@ class Delivery:
                 admit=(lambda: self._admit(connector, flight, settings, held))
                 if connector.rate_limits
                 else None,
+                seat_wait=limit_wait_seconds(settings),
             )
             if outcome.not_admitted:
-                return self._waiting(row, connector, held[0], settings, started)
+                return self._waiting(row, connector, held[0] if held else None, settings, started, outcome)
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
         connector_problem = is_connector_problem(outcome.phase, outcome.verdicts, False)
@@ -425,23 +429,34 @@ class Delivery:
 
     @staticmethod
     def _waiting(
-        row: dict[str, Any], connector: Connector, slot: Slot, settings: Settings, started: datetime
+        row: dict[str, Any],
+        connector: Connector,
+        slot: Slot | None,
+        settings: Settings,
+        started: datetime,
+        outcome: Outcome,
     ) -> Result:
-        """Back to the queue until the connector's rate limit has room: no attempt spent, due
-        a little before the window opens (so the next ones are waiting in the worker when it
-        does), the limit and the time on the row."""
+        """Back to the queue until the connector's rate limit has room (`slot`: due a little
+        before the window opens, so the next ones are waiting in the worker when it does), or
+        until a session is likely to be free (`--max-connections` across workers: due in
+        SEAT_RETRY_SECONDS): no attempt spent, what it waits for and until when on the row."""
         now = datetime.now(UTC)
-        until = now + timedelta(seconds=slot.wait_seconds)
-        due = until - timedelta(seconds=limit_wait_seconds(settings) / 2)
+        if slot is not None:
+            until = now + timedelta(seconds=slot.wait_seconds)
+            due = until - timedelta(seconds=limit_wait_seconds(settings) / 2)
+            what, kind = f"rate limit {slot.binding}", "deferred"
+        else:
+            until = due = now + timedelta(seconds=SEAT_RETRY_SECONDS)
+            what, kind = outcome.waiting_for or "a connection", "no-connection"
         decision = waiting(
             attempts=row["attempts"],
             created_at=row["round_started_at"],
             now=now,
             settings=settings,
             until=max(now, due),
-            reason=f"waiting for rate limit {slot.binding} until {until.isoformat(timespec='seconds')}",
+            reason=f"waiting for {what} until {until.isoformat(timespec='seconds')}",
         )
-        metrics.RATE_LIMITED.labels(connector.name, "deferred").inc()
+        metrics.RATE_LIMITED.labels(connector.name, kind).inc()
         return _decided(row, connector, "waiting", decision, started, {})
 
     @staticmethod

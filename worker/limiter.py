@@ -27,6 +27,7 @@ losing Redis's keys forgets the log: at worst one extra window's worth goes out.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -131,15 +132,18 @@ class Limiter:
         try:
             taken, wait_ms, which = await self._script(keys=self.keys(connector, rates), args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
-            metrics.LIMITER_ERRORS.inc()
-            if time.monotonic() - self._warned_at >= LOG_EVERY_SECONDS:
-                self._warned_at = time.monotonic()
-                log.warning(
-                    "rate limiter unreachable; sending without it", connector=connector.name, error=str(exc)
-                )
+            self.unreachable(connector, exc)
             return FREE
         wait = max(0.0, float(wait_ms) / 1000)
         return Slot(bool(int(taken)), wait, rates[int(which) - 1] if int(which) else None)
+
+    def unreachable(self, connector: Connector, exc: BaseException) -> None:
+        metrics.LIMITER_ERRORS.inc()
+        if time.monotonic() - self._warned_at >= LOG_EVERY_SECONDS:
+            self._warned_at = time.monotonic()
+            log.warning(
+                "rate limiter unreachable; sending without it", connector=connector.name, error=str(exc)
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -147,3 +151,105 @@ class Limiter:
 
 def _kind(rate: Rate) -> str:
     return "l" if rate.seconds >= LOG_FROM_SECONDS else "p"
+
+
+# Sessions (`--max-connections N`): a counting semaphore on Redis shared by every worker. The
+# key is a sorted set of the sessions open now (member: a session's id, score: when its lease
+# ends, on Redis's clock). A session takes a seat before it connects and gives it back when it
+# closes; its worker renews the lease while it is open, so a killed worker's seats come back
+# within SESSION_LEASE_SECONDS. KEYS: the set. ARGV: cap, member, lease in ms.
+# Returns {1, 0} when seated, else {0, ms until the earliest lease ends}.
+SEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  return {1, 0}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, tonumber(first[2]) - now}
+"""
+# KEYS: the set. ARGV: lease in ms, then the members still open. Only members still seated
+# are renewed (one whose lease ran out has lost its seat; its session closes at its next use).
+# Returns the members that lost their seat.
+RENEW_SEATS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local lost = {}
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) > now then
+    redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+return lost
+"""
+SESSION_LEASE_SECONDS = 15.0  # a killed worker's seats come back this soon
+SEAT_POLL_SECONDS = (0.02, 0.25)  # a seat is asked again after this, growing to that
+
+
+class Seats:
+    """`--max-connections N` across all workers: seats for SMTP sessions, on Redis. One per
+    worker process (shares the rate limiter's client). If Redis cannot be reached, a session
+    opens without a seat (mail is never held for the limiter's sake): each process then keeps
+    to N on its own."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        self._seat = limiter._client.register_script(SEAT)
+        self._renew = limiter._client.register_script(RENEW_SEATS)
+
+    def key(self, connector: Connector) -> str:
+        return f"{self._limiter.namespace}:limit:{{{connector.id}}}:sessions"
+
+    async def take(self, connector: Connector, cap: int, *, max_wait_seconds: float) -> str | None:
+        """A seat for one more session (its id), waiting up to `max_wait_seconds` for one to
+        free (asked again at growing intervals, never in a busy loop); None if none freed.
+        "" when Redis cannot be reached (open without a seat)."""
+        member = uuid.uuid4().hex
+        deadline = time.monotonic() + max_wait_seconds
+        pause = SEAT_POLL_SECONDS[0]
+        while True:
+            try:
+                seated, _ = await self._seat(
+                    keys=[self.key(connector)], args=[cap, member, int(SESSION_LEASE_SECONDS * 1000)]
+                )
+            except (redis.exceptions.RedisError, OSError) as exc:
+                self._limiter.unreachable(connector, exc)
+                return ""
+            if int(seated):
+                return member
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, SEAT_POLL_SECONDS[1])
+
+    async def renew(self, connector: Connector, members: Sequence[str]) -> set[str]:
+        """Renew the leases of these open sessions; returns those that had lost their seat."""
+        members = [m for m in members if m]
+        if not members:
+            return set()
+        try:
+            lost = await self._renew(
+                keys=[self.key(connector)], args=[int(SESSION_LEASE_SECONDS * 1000), *members]
+            )
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._limiter.unreachable(connector, exc)
+            return set()
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in lost}
+
+    async def give_back(self, connector: Connector, member: str) -> None:
+        if not member:
+            return
+        try:
+            await self._limiter._client.zrem(self.key(connector), member)
+        except (redis.exceptions.RedisError, OSError) as exc:  # its lease ends it anyway
+            self._limiter.unreachable(connector, exc)

@@ -34,7 +34,8 @@ STALE_DELIVERIES = Counter(
 RATE_LIMITED = Counter(
     "outbox_rate_limited_total",
     "Messages that met their connector's rate limit: `paced` waited in the worker for a slot "
-    "moments away, `deferred` went back to the queue until the window opens",
+    "moments away, `deferred` went back to the queue until the window opens, `no-connection` went "
+    "back because every session of its --max-connections was taken by other workers",
     ["connector", "outcome"],
 )
 THROTTLED = Counter(

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -62,7 +63,10 @@ def page(browser: WebDriver) -> Iterator[WebDriver]:
 
 
 def wait(browser: WebDriver, condition: Callable[[WebDriver], object], what: str = "the page") -> object:
-    return WebDriverWait(browser, WAIT_SECONDS).until(condition, message=f"timed out waiting for {what}")
+    # a self-refreshing page may replace an element between finding and reading it: ask again
+    return WebDriverWait(browser, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,)).until(
+        condition, message=f"timed out waiting for {what}"
+    )
 
 
 def login(
