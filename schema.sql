@@ -864,3 +864,14 @@ $$;
 -- processes and hosts (NULL: no cap; each worker process keeps up to 4 of its own).
 ALTER TABLE outbox.connector ALTER COLUMN max_connections DROP NOT NULL;
 ALTER TABLE outbox.connector ALTER COLUMN max_connections SET DEFAULT NULL;
+-- Adaptive slow-down after throttling replies: the spacing between sends the workers slowed
+-- the connector to, and when (it halves every 30 s after that).
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS throttle_interval_seconds double precision;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS throttled_at timestamptz;
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
+        GRANT UPDATE (throttle_interval_seconds, throttled_at) ON outbox.connector TO outbox_worker;
+    END IF;
+END
+$$;

@@ -343,6 +343,7 @@ UPDATABLE = (
 
 # What `describe` shows that is derived or the workers' (not a setting `update` changes).
 _DERIVED = (
+    "slowdown",
     "health",
     "state",
     "error",
@@ -646,6 +647,7 @@ def describe(c: Connector) -> dict[str, Any]:
         "last_error": c.last_error,
         "last_error_at": c.last_error_at,
         "limits": limits_of(c),
+        "slowdown": slowdown_of(c),
     }
 
 
@@ -660,10 +662,24 @@ def limits_of(c: Connector) -> dict[str, Any]:
 
 
 def limits_summary(c: Connector) -> str:
-    """The limits in one cell: `30/min 10000/day conn 4 rcpt 500`."""
-    return limits.summary(
+    """The limits in one cell: `30/min 10000/day conn 4 rcpt 500`, and a throttling
+    slow-down while it lasts: `(slowed to 2.5/s)`."""
+    cell = limits.summary(
         limits.parse_rates(c.rate_limits), c.max_connections, c.max_recipients, c.max_messages_per_connection
     )
+    slowed = slowdown_of(c)
+    return f"{cell} (slowed to {slowed['rate']})" if slowed else cell
+
+
+def slowdown_of(c: Connector) -> dict[str, Any] | None:
+    """The workers' slow-down of this connector after throttling replies, while it lasts:
+    its current rate (recovering: doubling every 30 s) and when the last throttling was."""
+    spacing = limits.slowdown(
+        c.throttle_interval_seconds, c.throttled_at, limits.parse_rates(c.rate_limits), datetime.now(UTC)
+    )
+    if spacing is None:
+        return None
+    return {"rate": limits.per_second(spacing), "per_second": round(1 / spacing, 3), "since": c.throttled_at}
 
 
 def health(c: Connector) -> str:

@@ -56,6 +56,9 @@ class Connector:
     rate_limits: tuple[str, ...] = ()
     max_recipients: int | None = None
     max_messages_per_connection: int | None = None
+    # Adaptive slow-down after throttling replies (written by the workers; outbox/limits.py)
+    throttle_interval_seconds: float | None = None
+    throttled_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Connector:

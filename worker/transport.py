@@ -30,6 +30,7 @@ from outbox.connectors import effective_security
 from outbox.errors import ConfigurationError
 from outbox.resolve import Connector
 from outbox.secrets import password_for
+from worker import metrics
 from worker.limiter import SESSION_LEASE_SECONDS, Seats
 from worker.oauth import TokenSource, basic_auth_refused, oauth_hint
 from worker.policy import Verdict, classify, is_connector_problem
@@ -445,6 +446,7 @@ class ConnectorPool:
             self._no_seat_until = time.monotonic() + NO_SEAT_SECONDS
             return None
         self._held.add(seat)
+        metrics.SESSIONS.labels(self.connector.name).set(len(self._held))
         if self._keeper is None:
             self._keeper = asyncio.ensure_future(self._keep())
         return seat
@@ -452,6 +454,7 @@ class ConnectorPool:
     async def _give_back(self, seat: str) -> None:
         self._held.discard(seat)
         self._lost.discard(seat)
+        metrics.SESSIONS.labels(self.connector.name).set(len(self._held))
         if self._seats is not None:
             await self._seats.give_back(self.connector, seat)
 
