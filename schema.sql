@@ -1,9 +1,9 @@
 -- outbox-worker schema (schema "outbox"): the whole current schema in one file.
 --
--- Databases are created and upgraded by the numbered migrations in outbox/migrations/
+-- Databases are created and upgraded by the numbered migrations in outbox/store/migrations/
 -- (`outbox db migrate`); this file is what applying all of them gives, kept for readers and
 -- for tools that want one script. tests/integration/test_migrations.py proves the two equal
--- (catalogs compared). Adding a migration: see outbox/migrations/README.md (add the file,
+-- (catalogs compared). Adding a migration: see outbox/store/migrations/README.md (add the file,
 -- append the same change here, add its row to the schema_version INSERT below).
 --
 -- Idempotent: applying it twice is harmless. Postgres is the single source of truth; Redis
@@ -13,7 +13,7 @@ SELECT pg_advisory_xact_lock(hashtext('outbox-worker schema'));
 
 CREATE SCHEMA IF NOT EXISTS outbox;
 
--- Which migrations this database has had (outbox/migrations/NNNN_name.sql); its schema version
+-- Which migrations this database has had (outbox/store/migrations/NNNN_name.sql); its schema version
 -- is the highest. `outbox db migrate` creates this table the same way.
 CREATE TABLE IF NOT EXISTS outbox.schema_version (
     version    integer PRIMARY KEY,

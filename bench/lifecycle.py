@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from outbox import migrate as migrations
-from outbox.sql import queries
+from outbox.store import migrate as migrations
+from outbox.store.sql import queries
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NAME = "outbox_bench_lifecycle"
@@ -137,7 +137,7 @@ def main() -> None:
         migrations.migrate(conn)
     print(f"filling {args.messages} messages")
     fill(url, args.messages)
-    new_gauges = queries("outbox")["status_gauges"]
+    new_gauges = queries("outbox.store")["status_gauges"]
     measure(url, "schema version 4", {"gauges: old GROUP BY": OLD_STATUS_GAUGES})
     migrations.migrations = lambda: shipped  # type: ignore[assignment]
     t = time.monotonic()

@@ -438,7 +438,7 @@ def claim_timing(
 ) -> ClaimTiming:
     """`claim_due` on two databases from the same template: one with no finished rows, one
     with `sent_rows` finished (`sent`) rows; first with nothing due, then with `due_rows` due."""
-    from outbox.sql import queries
+    from outbox.store.sql import queries
 
     sql = queries("worker")["claim_due"]
     params = {"limit": batch, "max_in_flight": 5000, "lease_seconds": 300.0}

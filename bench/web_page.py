@@ -32,9 +32,9 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bench.infra import PG_ADMIN_DEFAULT, Databases, load_average
-from outbox import connectors
-from outbox.connectors import NewConnector
-from outbox.sql import schema_sql
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
+from outbox.store.sql import schema_sql
 from outbox.web import users
 from outbox.web.app import create_app
 

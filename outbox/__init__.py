@@ -4,14 +4,14 @@ Applications call `outbox.enqueue(conn, ...)` inside their own transaction; deli
 run `outbox run` (or `outbox poll` and `outbox worker`).
 """
 
-from outbox.enqueue import enqueue, enqueue_async
-from outbox.errors import (
+from outbox.core.errors import (
     ConfigurationError,
     NotFoundError,
     OutboxError,
     ValidationError,
 )
-from outbox.message import Attachment
+from outbox.core.message import Attachment
+from outbox.enqueue import enqueue, enqueue_async
 
 __all__ = [
     "Attachment",

@@ -8,11 +8,11 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg.types.json import Jsonb
 
-from outbox.errors import ValidationError
-from outbox.message import Attachment, Draft, draft_fields, prepare
-from outbox.sql import queries
+from outbox.core.errors import ValidationError
+from outbox.core.message import Attachment, Draft, draft_fields, prepare
+from outbox.store.sql import queries
 
-Q = queries("outbox")
+Q = queries("outbox.store")
 
 
 def _params(draft: Draft) -> dict[str, Any]:

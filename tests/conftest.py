@@ -22,7 +22,7 @@ import redis
 import trustme
 
 from outbox.config import Config
-from outbox.migrate import migrate
+from outbox.store.migrate import migrate
 from tests.smtp import Authenticator, Server, start_server
 
 PG_ADMIN = os.environ.get("OUTBOX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -66,8 +66,8 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
 def parked_gateway(db: psycopg.Connection[Any]) -> None:
     """A System Default Gateway with nothing listening behind it: every From has a route
     (`outbox send` does not warn), and nothing is ever delivered."""
-    from outbox import connectors
-    from outbox.connectors import NewConnector
+    from outbox.admin import connectors
+    from outbox.admin.connectors import NewConnector
 
     connectors.add(
         db,

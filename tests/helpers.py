@@ -9,8 +9,8 @@ from typing import Any
 
 import psycopg
 
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 
 
 def outbox_cli(

@@ -24,19 +24,13 @@ from tenacity import (
     wait_random,
 )
 
-from outbox import limits, logs
+from outbox import logs
 from outbox.config import Config
 from outbox.connections import pg_kwargs
-from outbox.errors import ValidationError
-from outbox.message import Attachment, build, check_envelope, check_row, render
-from outbox.resolve import Connector, Route, resolve
-from outbox.settings import Settings
-from outbox.sql import queries
-from worker import metrics
-from worker.completer import Completer, finish_params
-from worker.leases import Flight, Leases
-from worker.limiter import Limiter, Seats, Slot
-from worker.policy import (
+from outbox.core import limits
+from outbox.core.errors import ValidationError
+from outbox.core.message import Attachment, build, check_envelope, check_row, render
+from outbox.core.policy import (
     Decision,
     Verdict,
     decide,
@@ -45,6 +39,13 @@ from worker.policy import (
     unbuildable,
     waiting,
 )
+from outbox.core.resolve import Connector, Route, resolve
+from outbox.core.settings import Settings
+from outbox.store.sql import queries
+from worker import metrics
+from worker.completer import Completer, finish_params
+from worker.leases import Flight, Leases
+from worker.limiter import Limiter, Seats, Slot
 from worker.transport import ConnectorPool, Outcome, Transport
 
 Q = queries("worker")

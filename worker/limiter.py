@@ -27,7 +27,7 @@ dropped. Only connectors whose limits are all paced batch (a sliding log takes o
 A send asks for the earliest time it may go (`reserve`). Within `max_wait_seconds` the slot
 is taken and the message's own coroutine sleeps until then (other messages, of this connector
 or others, run meanwhile); beyond it nothing is taken and the message goes back to the queue,
-due shortly before its window opens (see `worker/policy.py` `waiting`).
+due shortly before its window opens (see `outbox/core/policy.py` `waiting`).
 
 If Redis cannot be reached the message is sent (mail is never held for the limiter's sake);
 losing Redis's keys forgets the log: at worst one extra window's worth goes out.
@@ -51,8 +51,8 @@ import redis.asyncio
 
 from outbox import logs
 from outbox.connections import REDIS_OPTIONS
-from outbox.limits import Rate, parse_rates, per_second, slowdown
-from outbox.resolve import Connector
+from outbox.core.limits import Rate, parse_rates, per_second, slowdown
+from outbox.core.resolve import Connector
 from worker import metrics
 
 log = logs.get("outbox.worker")

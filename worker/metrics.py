@@ -10,9 +10,10 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from outbox import limits, logs
-from outbox.sql import queries
-from outbox.statuses import STATUSES
+from outbox import logs
+from outbox.core import limits
+from outbox.core.statuses import STATUSES
+from outbox.store.sql import queries
 
 SENDS = Counter(
     "outbox_sends_total",
@@ -80,7 +81,7 @@ RETENTION_DELETED = Counter(
     ["table"],
 )
 # Refreshed by the poller (at most every `metrics_refresh_seconds`) from partial indexes; `sent`
-# on a big table is an estimate (see `status_gauges` in outbox/queries.sql).
+# on a big table is an estimate (see `status_gauges` in outbox/store/queries.sql).
 MESSAGES = Gauge("outbox_messages", "Messages in the outbox by status", ["status"])
 QUEUE_LAG = Gauge("outbox_queue_lag_seconds", "Age of the oldest due message (0 when none is due)")
 
@@ -115,7 +116,7 @@ def refresh_gauges(conn: psycopg.Connection[Any], every: float = 10.0) -> None:
     _last_refresh = now
     counts = dict.fromkeys(STATUSES, 0)
     lag = 0.0
-    for status, n, lag_seconds in conn.execute(queries("outbox")["status_gauges"]).fetchall():
+    for status, n, lag_seconds in conn.execute(queries("outbox.store")["status_gauges"]).fetchall():
         counts[status] = n
         if lag_seconds is not None:
             lag = max(lag, float(lag_seconds))

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from outbox.connectors import oauth_scopes, token_url
-from outbox.resolve import Connector
-from outbox.secrets import client_secret_for
+from outbox.core.connector_rules import oauth_scopes, token_url
+from outbox.core.resolve import Connector
+from outbox.store.secrets import client_secret_for
 
 # A token is renewed this long before it expires (or halfway through a shorter life).
 REFRESH_MARGIN_SECONDS = 60.0

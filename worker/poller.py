@@ -24,8 +24,8 @@ from tenacity.stop import stop_base
 from outbox import logs
 from outbox.config import Config
 from outbox.connections import connect_poller, pg_kwargs, redact_url
-from outbox.settings import Settings
-from outbox.sql import queries
+from outbox.core.settings import Settings
+from outbox.store.sql import queries
 from worker import metrics
 
 Q = queries("worker")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from outbox.connectors import effective_security
-from outbox.resolve import Connector
+from outbox.core.connector_rules import effective_security
+from outbox.core.resolve import Connector
 from worker.transport import ConnectorPool
 
 DONE = {

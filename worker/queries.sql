@@ -24,7 +24,7 @@ RETURNING m.id, m.lease_token::text;
 -- (phase 'claimed', or 'waiting' for its connector as lease renewals record): that attempt is
 -- given back, twice at most per message, so one that kills its worker every time still runs
 -- out. Lost after DATA began it is ambiguous (the server may have it): retried, or failed for
--- an operator when ambiguous_policy is 'hold'. The rule is worker/policy.py `after_lease_expired`;
+-- an operator when ambiguous_policy is 'hold'. The rule is outbox/core/policy.py `after_lease_expired`;
 -- tests/integration/test_vocabulary.py checks this statement against it case by case.
 WITH lost AS MATERIALIZED (
     SELECT id, status AS was, phase AS was_phase, attempts, connector_id,

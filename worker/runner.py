@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 from outbox import logs
 from outbox.config import Config
 from outbox.connections import pg_kwargs, redact_url, redis_client
-from outbox.sql import queries
+from outbox.store.sql import queries
 from worker import metrics
 from worker.broker import make_broker
 from worker.poller import Poller

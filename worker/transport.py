@@ -26,14 +26,14 @@ import aiosmtplib
 from aiosmtplib import SMTP, SMTPResponse
 from aiosmtplib.errors import SMTPAuthenticationError, SMTPResponseException
 
-from outbox.connectors import effective_security
-from outbox.errors import ConfigurationError
-from outbox.resolve import Connector
-from outbox.secrets import password_for
+from outbox.core.connector_rules import effective_security
+from outbox.core.errors import ConfigurationError
+from outbox.core.policy import Verdict, classify, is_connector_problem
+from outbox.core.resolve import Connector
+from outbox.store.secrets import password_for
 from worker import metrics
 from worker.limiter import SESSION_LEASE_SECONDS, Seats
 from worker.oauth import TokenSource, basic_auth_refused, oauth_hint
-from worker.policy import Verdict, classify, is_connector_problem
 from worker.replies import Replies
 
 # While a large message's upload drains, how often to look at its progress.

@@ -11,7 +11,7 @@ import timeit
 from datetime import UTC, datetime
 
 from bench.common import body, subject
-from outbox.message import build, render
+from outbox.core.message import build, render
 from worker import delivery
 
 BODIES = [

@@ -25,7 +25,7 @@ def _fast_render() -> None:
     from email.contentmanager import _encode_text  # type: ignore[attr-defined]
     from email.utils import format_datetime
 
-    from outbox.message import POLICY
+    from outbox.core.message import POLICY
     from worker import delivery
 
     original_build, original_render = delivery.build, delivery.render

@@ -13,7 +13,7 @@ import psycopg
 
 from outbox.cli import connector, operate, read, run, schema, send, settings, user, web  # noqa: F401
 from outbox.cli.base import EXIT_ERROR, EXIT_UNAVAILABLE, cli
-from outbox.errors import OutboxError
+from outbox.core.errors import OutboxError
 
 __all__ = ["cli", "main"]
 

@@ -133,7 +133,7 @@ def require_current_schema(database_url: str) -> None:
     """Refuse to start a long-running process on a schema that needs migrating or is newer than
     this code (one line, exit 1). An unreachable database is left to the process, which keeps
     retrying it; the check is made when it starts while Postgres is up."""
-    from outbox import migrate
+    from outbox.store import migrate
 
     try:
         conn = psycopg.connect(database_url, autocommit=True, connect_timeout=10)

@@ -10,8 +10,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from outbox import connectors, limits, operations
-from outbox import settings as runtime_settings
+from outbox.admin import connectors, operations
 from outbox.cli.base import (
     EXIT_ERROR,
     cli,
@@ -21,7 +20,10 @@ from outbox.cli.base import (
     with_conn,
 )
 from outbox.config import Config
-from outbox.errors import ConfigurationError, ValidationError
+from outbox.core import limits
+from outbox.core.connector_rules import ENTRA_SMTP_SCOPE
+from outbox.core.errors import ConfigurationError, ValidationError
+from outbox.store.settings import load as load_settings
 
 # -- connectors ----------------------------------------------------------------------------
 
@@ -54,7 +56,7 @@ def oauth_options(*, adding: bool) -> Callable[[F], F]:
             "--oauth-tenant",
             metavar="T",
             help="Microsoft Entra ID tenant (ID or domain): its token endpoint, scope "
-            f"{connectors.ENTRA_SMTP_SCOPE} unless --oauth-scope is given.",
+            f"{ENTRA_SMTP_SCOPE} unless --oauth-scope is given.",
         ),
         click.option("--oauth-token-url", metavar="URL", help="Any OAuth 2.0 token endpoint (https)."),
         click.option(
@@ -271,7 +273,7 @@ def connector_add(
 def _probe(conn: psycopg.Connection[Any], c: Any) -> dict[str, Any]:
     from worker.probe import probe
 
-    settings = runtime_settings.load(conn)
+    settings = load_settings(conn)
     return probe(
         c,
         timeout=min(settings.smtp_timeout_seconds, c.timeout_seconds),

@@ -9,9 +9,9 @@ from typing import Any
 import click
 import psycopg
 
-from outbox import operations
+from outbox.admin import operations
 from outbox.cli.base import cli, emit, json_option, table, with_conn
-from outbox.errors import OutboxError
+from outbox.core.errors import OutboxError
 
 # -- helpers -------------------------------------------------------------------------------
 

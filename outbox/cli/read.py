@@ -8,7 +8,7 @@ from typing import Any
 import click
 import psycopg
 
-from outbox import report
+from outbox.admin import report
 from outbox.cli.base import (
     cli,
     emit,

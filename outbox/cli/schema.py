@@ -5,15 +5,15 @@ from __future__ import annotations
 import click
 import psycopg
 
-from outbox import migrate as migrations
 from outbox.cli.base import cli, db_option, emit, json_option
+from outbox.store import migrate as migrations
 
 # -- db --------------------------------------------------------------------------------------
 
 
 @cli.group()
 def db() -> None:
-    """Database schema: versioned migrations (outbox/migrations/)."""
+    """Database schema: versioned migrations (outbox/store/migrations/)."""
 
 
 def _migrate(database_url: str) -> None:

@@ -13,9 +13,9 @@ from outbox.cli.base import (
     cli,
     with_conn,
 )
+from outbox.core.errors import ValidationError
+from outbox.core.message import Attachment
 from outbox.enqueue import enqueue_routed
-from outbox.errors import ValidationError
-from outbox.message import Attachment
 
 # -- sending -------------------------------------------------------------------------------
 

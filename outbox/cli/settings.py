@@ -7,14 +7,15 @@ from typing import Any
 import click
 import psycopg
 
-from outbox import connectors
-from outbox import settings as runtime_settings
+from outbox.admin import connectors
 from outbox.cli.base import (
     cli,
     emit,
     json_option,
     with_conn,
 )
+from outbox.core.settings import KEYS, Settings, parse_value
+from outbox.store import settings as stored_settings
 
 # -- settings ------------------------------------------------------------------------------
 
@@ -27,7 +28,7 @@ def settings() -> None:
 def _keys_help() -> str:
     """The keys, what each means and its default, for `settings set --help`."""
     lines = ["\b", "KEY is one of:"]
-    for name, field in runtime_settings.Settings.model_fields.items():
+    for name, field in Settings.model_fields.items():
         default = field.default if field.default not in (None, []) else "none"
         lines.append(f"  {name.replace('_', '-'):<26} {field.description} (default {default})")
     return "\n".join(lines)
@@ -37,14 +38,14 @@ def _keys_help() -> str:
     "set",
     help="Set KEY to VALUE (lists are comma-separated; an empty value clears).\n\n" + _keys_help(),
 )
-@click.argument("key", metavar="KEY", type=click.Choice(runtime_settings.KEYS))
+@click.argument("key", metavar="KEY", type=click.Choice(KEYS))
 @click.argument("value")
 @with_conn
 def settings_set(conn: psycopg.Connection[Any], key: str, value: str) -> None:
     with conn.transaction():
         if key == "unmonitored-address":
-            connectors.check_unmonitored(conn, runtime_settings.parse_value(key, value))
-        runtime_settings.set_value(conn, key, value)
+            connectors.check_unmonitored(conn, parse_value(key, value))
+        stored_settings.set_value(conn, key, value)
     click.echo(f"{key} = {value}")
 
 
@@ -53,7 +54,7 @@ def settings_set(conn: psycopg.Connection[Any], key: str, value: str) -> None:
 @with_conn
 def settings_show(conn: psycopg.Connection[Any], as_json: bool) -> None:
     """Show every setting."""
-    data = {k.replace("_", "-"): v for k, v in runtime_settings.load(conn).model_dump().items()}
+    data = {k.replace("_", "-"): v for k, v in stored_settings.load(conn).model_dump().items()}
     emit(
         data,
         as_json,

@@ -9,7 +9,7 @@ import click
 import psycopg
 
 from outbox.cli.base import cli, emit, json_option, table, with_conn
-from outbox.errors import ValidationError
+from outbox.core.errors import ValidationError
 from outbox.web import users
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from starlette.responses import Response
 
-from outbox import connectors, operations
-from outbox import settings as runtime_settings
+from outbox.admin import connectors, operations
 from outbox.config import Config
-from outbox.errors import ValidationError
+from outbox.core.errors import ValidationError
+from outbox.store.settings import load as load_settings
 from outbox.web import lists
 from outbox.web.console import Ctx, action, local_path
 
@@ -108,7 +108,7 @@ def connector_test(ctx: Ctx) -> Response:
     from worker.probe import probe
 
     c = connectors.get(ctx.conn, _connector(ctx))
-    timeout = min(runtime_settings.load(ctx.conn).smtp_timeout_seconds, c.timeout_seconds)
+    timeout = min(load_settings(ctx.conn).smtp_timeout_seconds, c.timeout_seconds)
     ctx.conn.commit()  # hold no transaction open while talking to the server
     result = probe(c, timeout=timeout, local_hostname=Config().local_hostname)
     text = f"Test connection {c.name}: {'passed' if result['ok'] else 'FAILED'}."

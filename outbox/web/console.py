@@ -19,7 +19,7 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from outbox.errors import OutboxError
+from outbox.core.errors import OutboxError
 from outbox.web import users
 from outbox.web.auth import LoginThrottle, Sessions, csrf_ok
 from outbox.web.users import User

@@ -13,9 +13,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from outbox import operations
-from outbox.errors import ValidationError
-from outbox.sql import queries
+from outbox.admin import operations
+from outbox.core.errors import ValidationError
+from outbox.store.sql import queries
 
 Q = queries("outbox.web")
 PAGE_SIZE = 50

@@ -8,10 +8,10 @@ from typing import Any
 from psycopg.rows import dict_row
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from outbox import connectors, operations, report
-from outbox.errors import NotFoundError, ValidationError
-from outbox.message import Attachment, build, render
-from outbox.sql import queries
+from outbox.admin import connectors, operations, report
+from outbox.core.errors import NotFoundError, ValidationError
+from outbox.core.message import Attachment, build, render
+from outbox.store.sql import queries
 from outbox.web import lists
 from outbox.web.auth import CSP_SANDBOX
 from outbox.web.console import Ctx, action, local_path, page

@@ -18,8 +18,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from psycopg.rows import dict_row
 
-from outbox.errors import NotFoundError, ValidationError
-from outbox.sql import queries
+from outbox.core.errors import NotFoundError, ValidationError
+from outbox.store.sql import queries
 
 Q = queries("outbox.web")
 ROLES = ("viewer", "operator", "admin")

@@ -29,7 +29,7 @@ def browser() -> Iterator[WebDriver]:
         if not shutil.which(exe):
             pytest.fail(
                 f"{exe} is missing: install Debian's chromium and chromium-driver "
-                "(scripts/bootstrap.sh does, as root)",
+                "(scripts/test-tools.sh does, as root)",
                 pytrace=False,
             )
     profile = tempfile.mkdtemp(prefix="outbox-chromium-")
@@ -63,7 +63,9 @@ def page(browser: WebDriver) -> Iterator[WebDriver]:
 
 
 def wait(browser: WebDriver, condition: Callable[[WebDriver], object], what: str = "the page") -> object:
-    # a self-refreshing page may replace an element between finding and reading it: ask again
+    """Until `condition` holds. An element that went stale (the page was replaced while the
+    condition read it, e.g. after a filter's submit) means "not yet", as a person would look
+    again."""
     return WebDriverWait(browser, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,)).until(
         condition, message=f"timed out waiting for {what}"
     )

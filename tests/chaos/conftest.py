@@ -13,9 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import connectors
-from outbox.connectors import NewConnector
-from outbox.sql import schema_sql
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
+from outbox.store.sql import schema_sql
 from tests.chaos.services import OutboxProcess
 from tests.conftest import wait_until
 from tests.smtp import Server

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from tests.chaos.conftest import Chaos
 from tests.conftest import wait_until
 

@@ -80,7 +80,7 @@ def test_capped_poller_waits_for_its_interval_instead_of_spinning(config, db, pa
 def test_in_flight_count_stays_cheap_with_many_finished_rows(db):
     """The cap is counted in the claim statement itself: on the partial index of in-flight
     rows, whatever the number of finished rows."""
-    from outbox.sql import queries
+    from outbox.store.sql import queries
 
     db.execute(
         "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body, status, sent_at) "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from outbox.sql import queries
-from outbox.statuses import STATUSES
+from outbox.core.statuses import STATUSES
+from outbox.store.sql import queries
 
 
 def _fill(db) -> None:
@@ -37,10 +37,12 @@ def _plan(db, sql: str) -> str:
 
 def test_gauges_count_exactly_on_a_small_table_through_indexes(db):
     _fill(db)
-    gauges = {s: n for s, n, _ in db.execute(queries("outbox")["status_gauges"]).fetchall()}
+    gauges = {s: n for s, n, _ in db.execute(queries("outbox.store")["status_gauges"]).fetchall()}
     exact = dict(db.execute("SELECT status, count(*) FROM outbox.message GROUP BY status").fetchall())
     assert gauges == exact == {s: i + 1 for i, s in enumerate(STATUSES)}
-    plan = json.loads(_plan(db, queries("outbox")["status_gauges"].replace("< 100000", "< 0")))[0]["Plan"]
+    plan = json.loads(_plan(db, queries("outbox.store")["status_gauges"].replace("< 100000", "< 0")))[0][
+        "Plan"
+    ]
     assert "message" not in _scanned(plan, "Seq Scan"), plan
 
 

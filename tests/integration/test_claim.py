@@ -14,7 +14,7 @@ import pytest
 
 import outbox
 from outbox.config import Config
-from outbox.sql import queries
+from outbox.store.sql import queries
 from tests.conftest import wait_until
 from worker.delivery import Delivery
 

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 from cryptography.fernet import Fernet
 
-from outbox.migrate import latest
+from outbox.store.migrate import latest
 from tests.helpers import add_gateway, one_line_error
 from tests.helpers import outbox_cli as outbox
 
@@ -401,7 +401,7 @@ def test_database_url_before_the_command_and_missing_database_hint(cli_env, data
 
 
 def test_settings_set_help_lists_every_key_with_its_default(cli_env):
-    from outbox.settings import KEYS
+    from outbox.core.settings import KEYS
 
     text = outbox(cli_env, "settings", "set", "--help").stdout
     for key in KEYS:

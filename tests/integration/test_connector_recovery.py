@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from tests.helpers import one_line_error, outbox_cli
 from tests.smtp import free_port
 

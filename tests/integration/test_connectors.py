@@ -7,9 +7,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
-from outbox.errors import ConfigurationError, ValidationError
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
+from outbox.core.errors import ConfigurationError, ValidationError
 
 
 def add(db, server, name, address, **kw):

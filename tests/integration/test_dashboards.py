@@ -23,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
-from outbox.message import Attachment
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
+from outbox.core.message import Attachment
 from tests.conftest import wait_until
 from tests.helpers import add_gateway
 from tests.smtp import free_port

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
-from outbox.sql import queries
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
+from outbox.store.sql import queries
 from tests.conftest import wait_until
 from tests.helpers import add_gateway
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from outbox.resolve import Connector
+from outbox.core.resolve import Connector
 from tests.conftest import REDIS_URL
 from tests.integration.test_limits import most_in_any_window
 from tests.integration.test_transport import connector_for

@@ -7,8 +7,8 @@ import json
 import time
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from tests.conftest import wait_until
 from tests.helpers import add_gateway
 from tests.helpers import outbox_cli as outbox_cmd
@@ -142,7 +142,7 @@ def test_throttling_replies_spend_no_attempt_so_max_attempts_2_still_delivers_al
 
 
 def test_throttling_replies_are_recognised():
-    from worker.policy import is_throttling
+    from outbox.core.policy import is_throttling
 
     for code, reply in [
         (421, "4.7.0 Temporary server error. Please try again later"),

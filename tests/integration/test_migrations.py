@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from outbox import migrate as migrations
-from outbox.migrate import Migration, latest
-from outbox.sql import schema_sql
+from outbox.store import migrate as migrations
+from outbox.store.migrate import Migration, latest
+from outbox.store.sql import schema_sql
 from tests.conftest import PG_ADMIN, _url
 from tests.helpers import one_line_error
 from tests.helpers import outbox_cli as outbox

@@ -19,8 +19,8 @@ from aiosmtpd.smtp import AuthResult
 from cryptography.fernet import Fernet
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from tests.conftest import wait_until
 from tests.helpers import outbox_cli
 from tests.oauth import TokenEndpoint, start_xoauth2_server

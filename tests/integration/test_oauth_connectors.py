@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from outbox.sql import schema_sql
+from outbox.store.sql import schema_sql
 from tests.helpers import one_line_error, outbox_cli
 
 CLIENT_SECRET = "cs~Q8R-unique-client-secret-4711"

@@ -16,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
-from outbox.message import Attachment
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
+from outbox.core.message import Attachment
 from tests.conftest import wait_until
 from tests.helpers import add_gateway, one_line_error, outbox_cli
 

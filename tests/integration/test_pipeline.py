@@ -224,7 +224,7 @@ def test_claim_respects_batch_size(db, config, parked_gateway):
             chunks.append(chunk)
 
     poller = Poller(config.model_copy(update={"claim_batch": 50, "dispatch_batch": 20}), Recording())
-    settings = __import__("outbox.settings", fromlist=["Settings"]).Settings()
+    settings = __import__("outbox.core.settings", fromlist=["Settings"]).Settings()
     n = poller._dispatch(poller._connection(), settings)
     poller.close()
     assert n == 50

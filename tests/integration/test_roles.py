@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 import outbox
-from outbox import connectors
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from outbox.config import Config
-from outbox.connectors import NewConnector
 from tests.conftest import PG_ADMIN, Pipeline
 
 

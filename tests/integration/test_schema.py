@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 import outbox
-from outbox.migrate import migrations
-from outbox.sql import schema_sql
+from outbox.store.migrate import migrations
+from outbox.store.sql import schema_sql
 
 MINIMAL = "INSERT INTO outbox.message (from_addr, to_addrs, subject, text_body) VALUES (%s, %s, %s, %s)"
 
@@ -114,7 +114,7 @@ def test_claim_uses_the_partial_index(db):
         SELECT 'a@example.com', '{b@example.org}', 's', 't', 'sent', now() FROM generate_series(1, 20000)""")
     db.execute(MINIMAL, ["a@example.com", ["b@example.org"], "s", "t"])
     db.execute("ANALYZE outbox.message")
-    from outbox.sql import queries
+    from outbox.store.sql import queries
 
     plan = "\n".join(
         r[0]
@@ -191,9 +191,13 @@ def test_wheel_carries_schema_sql(tmp_path):
     )
     [wheel] = tmp_path.glob("outbox_worker-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "outbox/schema.sql" in names and "outbox/queries.sql" in names and "worker/queries.sql" in names
+    assert (
+        "outbox/schema.sql" in names and "outbox/store/queries.sql" in names and "worker/queries.sql" in names
+    )
     assert zipfile.ZipFile(wheel).read("outbox/schema.sql").decode() == schema_sql()
-    shipped = {n.removeprefix("outbox/migrations/") for n in names if n.startswith("outbox/migrations/")}
+    shipped = {
+        n.removeprefix("outbox/store/migrations/") for n in names if n.startswith("outbox/store/migrations/")
+    }
     assert {f"{m.label}.sql" for m in migrations()} <= shipped
 
 

@@ -14,8 +14,8 @@ import redis
 from cryptography.fernet import Fernet
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from tests.helpers import outbox_cli
 
 SECRET = "Pw-9f8e7d6c5b4a-unique-secret"

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from outbox.message import build, header_address, render
-from outbox.settings import Settings
+from outbox.core.message import build, header_address, render
+from outbox.core.settings import Settings
 from tests.helpers import add_gateway
 from worker.delivery import Unbuildable, checked, envelope
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from psycopg.rows import dict_row
 
-from outbox.sql import queries
+from outbox.store.sql import queries
 from worker.delivery import finish_params
 
 Q = queries("worker")

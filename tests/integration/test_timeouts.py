@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from outbox import connections
-from outbox.settings import Settings
+from outbox.core.settings import Settings
 from worker.broker import make_broker
 from worker.delivery import Delivery
 from worker.poller import INFRA_ERRORS, Poller

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from outbox.resolve import Connector
+from outbox.core.policy import Verdict
+from outbox.core.resolve import Connector
 from tests.faultsmtp import ScriptedServer, SegmentedServer
-from worker.policy import Verdict
 from worker.transport import ConnectorPool
 
 CONTENT = b"Subject: hi\r\n\r\nbody\r\n"

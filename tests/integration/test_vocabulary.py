@@ -1,6 +1,6 @@
-"""One vocabulary: the statuses and outcomes of outbox/statuses.py are exactly what the schema's
+"""One vocabulary: the statuses and outcomes of outbox/core/statuses.py are exactly what the schema's
 CHECK constraints allow, every status the SQL names is one of them, and the poller's
-`reap_expired` statement decides an expired lease as worker/policy.py does."""
+`reap_expired` statement decides an expired lease as outbox/core/policy.py does."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox.settings import Settings
-from outbox.sql import queries
-from outbox.statuses import DUE, FINISHED, IN_FLIGHT, OUTCOMES, RECIPIENT_STATUSES, STATUSES, WAITING
-from worker.policy import PHASES, UNSTARTED_PHASES, after_lease_expired
+from outbox.core.policy import PHASES, UNSTARTED_PHASES, after_lease_expired
+from outbox.core.settings import Settings
+from outbox.core.statuses import DUE, FINISHED, IN_FLIGHT, OUTCOMES, RECIPIENT_STATUSES, STATUSES, WAITING
+from outbox.store.sql import queries
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -48,7 +48,9 @@ def _status_literals(sql: str) -> set[str]:
     "text",
     [
         pytest.param(lambda: (ROOT / "schema.sql").read_text(), id="schema.sql"),
-        pytest.param(lambda: resources.files("outbox").joinpath("queries.sql").read_text(), id="outbox"),
+        pytest.param(
+            lambda: resources.files("outbox.store").joinpath("queries.sql").read_text(), id="outbox"
+        ),
         pytest.param(lambda: resources.files("worker").joinpath("queries.sql").read_text(), id="worker"),
     ],
 )

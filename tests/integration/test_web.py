@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import outbox
-from outbox import connectors
-from outbox.connectors import NewConnector
+from outbox.admin import connectors
+from outbox.admin.connectors import NewConnector
 from outbox.web import users
 from outbox.web.auth import LoginThrottle, Sessions
 from tests.conftest import wait_until

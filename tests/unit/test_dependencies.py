@@ -13,7 +13,7 @@ import aiosmtplib
 import dramatiq
 import dramatiq.worker
 
-from outbox.message import POLICY, header_address
+from outbox.core.message import POLICY, header_address
 
 
 def major(dist: str) -> int:
@@ -34,7 +34,7 @@ def test_dramatiq_worker_hooks_are_as_runner_overrides_them():
 
 
 def test_email_policy_fold_and_parse_tree_are_as_the_short_cut_needs():
-    """outbox/message.py `_Policy._fold` overrides the stdlib's `EmailPolicy._fold(name,
+    """outbox/core/message.py `_Policy._fold` overrides the stdlib's `EmailPolicy._fold(name,
     value, refold_binary)` and reads a header object's `_parse_tree`."""
     assert list(inspect.signature(email.policy.EmailPolicy._fold).parameters) == [
         "self",
@@ -62,10 +62,10 @@ def test_aiosmtplib_is_used_through_its_public_api_only():
 
 
 def test_the_plain_address_short_cut_knows_email_validators_special_use_names():
-    """outbox/message.py decides common addresses without email-validator, refusing its
+    """outbox/core/message.py decides common addresses without email-validator, refusing its
     special-use domains itself (tests/unit/test_message.py compares the two on many more)."""
     import email_validator
 
-    from outbox import message
+    from outbox.core import message
 
     assert set(message._SPECIAL_USE) == set(email_validator.SPECIAL_USE_DOMAIN_NAMES)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from outbox.errors import ValidationError
-from outbox.message import MAX_ATTACHMENTS, MAX_RECIPIENTS, Attachment, prepare
+from outbox.core.errors import ValidationError
+from outbox.core.message import MAX_ATTACHMENTS, MAX_RECIPIENTS, Attachment, prepare
 
 
 def make(**kw):

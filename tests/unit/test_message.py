@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox import message
-from outbox.errors import ValidationError
-from outbox.message import Attachment, build, draft_fields, prepare, render
+from outbox.core import message
+from outbox.core.errors import ValidationError
+from outbox.core.message import Attachment, build, draft_fields, prepare, render
 
 SENDER = "news@shop.example"
 RECIPIENT = "ann@example.org"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from outbox.core.policy import Verdict, classify, is_connector_problem
 from worker.oauth import basic_auth_refused
-from worker.policy import Verdict, classify, is_connector_problem
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox.settings import Settings
-from worker.policy import PHASES, Verdict, backoff_seconds, classify, decide
+from outbox.core.policy import PHASES, Verdict, backoff_seconds, classify, decide
+from outbox.core.settings import Settings
 
 ACCEPTED, TRANSIENT, PERMANENT, AMBIGUOUS = (
     Verdict.ACCEPTED,

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 
-from outbox.resolve import Connector, resolve
+from outbox.core.resolve import Connector, resolve
 
 _ids = itertools.count(1)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from outbox import limits
-from outbox.limits import parse_rates
+from outbox.core import limits
+from outbox.core.limits import parse_rates
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 

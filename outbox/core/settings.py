@@ -1,4 +1,5 @@
-"""Instance-wide settings kept in `outbox.settings` (one row), read by workers per batch.
+"""Instance-wide settings: the model of the one row of `outbox.settings` (read by workers per
+batch; stored by `outbox.store.settings`).
 
 CLI keys are the column names with dashes: `outbox settings set retry-base-seconds 1`.
 """
@@ -7,16 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import psycopg
-from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic import ValidationError as PydanticError
 
-from outbox.errors import ValidationError
-from outbox.message import check_address
-from outbox.sql import queries
-
-Q = queries("outbox")
+from outbox.core.errors import ValidationError
+from outbox.core.message import check_address
 
 
 class Settings(BaseModel):
@@ -74,12 +69,6 @@ class Settings(BaseModel):
 KEYS = tuple(name.replace("_", "-") for name in Settings.model_fields)
 
 
-def load(conn: psycopg.Connection[Any]) -> Settings:
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        row = cur.execute(Q["settings"]).fetchone()
-    return Settings.model_validate(row or {})
-
-
 def parse_value(key: str, raw: str) -> Any:
     """Turn the CLI text into the column's value (lists are comma-separated; empty clears)."""
     field = key.replace("-", "_")
@@ -91,20 +80,3 @@ def parse_value(key: str, raw: str) -> Any:
     if raw.strip() == "" and "None" in annotation:
         return None
     return raw.strip()
-
-
-def set_value(conn: psycopg.Connection[Any], key: str, raw: str) -> Settings:
-    """Validate one setting against the others and store it. Raises ValidationError."""
-    field = key.replace("-", "_")
-    value = parse_value(key, raw)
-    current = load(conn)
-    try:
-        updated = Settings.model_validate(current.model_dump() | {field: value})
-    except PydanticError as exc:
-        first = exc.errors()[0]
-        raise ValidationError(f"{key}: {first['msg']}") from None
-    if updated.retry_max_seconds < updated.retry_base_seconds:
-        raise ValidationError("retry-max-seconds must not be below retry-base-seconds")
-    stmt = sql.SQL("UPDATE outbox.settings SET {} = %s, updated_at = now()").format(sql.Identifier(field))
-    conn.execute(stmt, [getattr(updated, field)])
-    return updated

@@ -21,7 +21,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-from outbox.errors import ValidationError
+from outbox.core.errors import ValidationError
 
 
 class _HeaderRegistry(HeaderRegistry):

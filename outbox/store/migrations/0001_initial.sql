@@ -5,7 +5,7 @@
 -- database made by an older, unversioned `schema.sql` it brings every object up to date
 -- (ADD COLUMN IF NOT EXISTS, constraints added only when missing) instead of failing.
 -- A database made by the last unversioned `schema.sql` is recognised and only recorded as
--- version 1 (outbox/migrate.py `_is_current_unversioned`); this file does not run on it.
+-- version 1 (outbox/store/migrate.py `_is_current_unversioned`); this file does not run on it.
 --
 -- Locks: runs in one transaction. On an empty database nothing is contended. On an older
 -- unversioned database it takes ACCESS EXCLUSIVE briefly on the tables it alters (catalog-only

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from outbox.settings import Settings
+from outbox.core.settings import Settings
 
 # SMTP phases, in order. After `dot` the server may have accepted the message.
 # "token": an `oauth2` connector's access token is fetched before connecting.

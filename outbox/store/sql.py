@@ -38,4 +38,4 @@ def schema_sql() -> str:
     packaged = resources.files("outbox").joinpath("schema.sql")
     if packaged.is_file():
         return packaged.read_text()
-    return (Path(__file__).resolve().parent.parent / "schema.sql").read_text()
+    return (Path(__file__).resolve().parents[2] / "schema.sql").read_text()

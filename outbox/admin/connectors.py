@@ -14,20 +14,18 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from outbox import limits, secrets
-from outbox.errors import ConfigurationError, NotFoundError, ValidationError
-from outbox.message import check_address
-from outbox.resolve import OUTBOUND, Connector, resolve
-from outbox.sql import queries
+from outbox.core import limits
+from outbox.core.connector_rules import effective_security, oauth_scopes, token_url
+from outbox.core.errors import ConfigurationError, NotFoundError, ValidationError
+from outbox.core.message import check_address
+from outbox.core.resolve import OUTBOUND, Connector, resolve
+from outbox.store import secrets
+from outbox.store.sql import queries
 
-Q = queries("outbox")
+Q = queries("outbox.store")
 SECURITY_MODES = ("auto", "tls", "starttls", "none")
 DIRECTIONS = ("outgoing", "both", "incoming")
 AUTH_METHODS = ("password", "oauth2")
-# `--oauth-tenant T`: Microsoft Entra ID's token endpoint for that tenant, and the scope that
-# covers SMTP AUTH (client credentials ask for an app's permissions with `.default`).
-ENTRA_TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
-ENTRA_SMTP_SCOPE = "https://outlook.office365.com/.default"
 OAUTH_FIELDS = (
     "oauth_client_id",
     "oauth_client_secret_env",
@@ -44,31 +42,6 @@ def default_actor() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in a container
         return os.environ.get("USER", "unknown")
-
-
-def effective_security(connector: Connector) -> str:
-    """`tls`, `starttls` (required), `opportunistic` (STARTTLS when offered) or `none`."""
-    if connector.security != "auto":
-        return connector.security
-    if connector.port == 465:
-        return "tls"
-    if connector.port == 587 or connector.has_credentials:
-        return "starttls"
-    return "opportunistic"
-
-
-def token_url(connector: Connector) -> str | None:
-    """The token endpoint of an `oauth2` connector (Entra ID's, from its tenant, or its URL)."""
-    if connector.oauth_tenant:
-        return ENTRA_TOKEN_URL.format(tenant=connector.oauth_tenant)
-    return connector.oauth_token_url
-
-
-def oauth_scopes(connector: Connector) -> tuple[str, ...]:
-    """The scopes asked for: the connector's own, or Exchange Online's for a tenant."""
-    if connector.oauth_scopes:
-        return connector.oauth_scopes
-    return (ENTRA_SMTP_SCOPE,) if connector.oauth_tenant else ()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from outbox.errors import ValidationError
+from outbox.core.errors import ValidationError
 
 UNITS = {"s": 1, "min": 60, "h": 3600, "day": 86400}
 _ALIASES = {

@@ -11,8 +11,8 @@ import os
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from outbox.errors import ConfigurationError
-from outbox.resolve import Connector
+from outbox.core.errors import ConfigurationError
+from outbox.core.resolve import Connector
 
 KEY_ENV = "OUTBOX_SECRET_KEY"
 

@@ -8,12 +8,12 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from outbox import settings as runtime_settings
-from outbox.errors import NotFoundError
-from outbox.sql import queries
-from outbox.statuses import STATUSES
+from outbox.core.errors import NotFoundError
+from outbox.core.statuses import STATUSES
+from outbox.store.settings import load as load_settings
+from outbox.store.sql import queries
 
-Q = queries("outbox")
+Q = queries("outbox.store")
 
 
 def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             by_connector.setdefault(r["connector"] or "(not routed yet)", {})[r["status"]] = r["n"]
         lag = cur.execute(Q["queue_lag"]).fetchone() or {}
         last_hour = _last_hour(cur.execute(Q["attempts_last_hour"]).fetchall())
-    settings = runtime_settings.load(conn)
+    settings = load_settings(conn)
     warnings = []
     if settings.overrides_active:
         warnings.append("test-environment override of To/CC/BCC is set: real recipients get no mail")

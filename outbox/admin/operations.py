@@ -19,12 +19,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from outbox import connectors
-from outbox.errors import NotFoundError, ValidationError
-from outbox.sql import queries
-from outbox.statuses import FINISHED, IN_FLIGHT, WAITING
+from outbox.admin import connectors
+from outbox.core.errors import NotFoundError, ValidationError
+from outbox.core.statuses import FINISHED, IN_FLIGHT, WAITING
+from outbox.store.sql import queries
 
-Q = queries("outbox")
+Q = queries("outbox.store")
 
 # What replay takes without being told: the statuses that need a human.
 REPLAY_DEFAULT = ("failed", "partial")

@@ -1,7 +1,7 @@
-"""Versioned schema: the numbered migrations in `outbox/migrations/`, the version table, and the
+"""Versioned schema: the numbered migrations in `outbox/store/migrations/`, the version table, and the
 check that processes make before they start.
 
-A migration is `outbox/migrations/NNNN_name.sql` (numbers contiguous from 0001). Each runs in
+A migration is `outbox/store/migrations/NNNN_name.sql` (numbers contiguous from 0001). Each runs in
 one transaction, which also records it in `outbox.schema_version`; one whose header holds the
 line `-- outbox:no-transaction` (for `CREATE INDEX CONCURRENTLY`) runs statement by statement
 outside a transaction, split at semicolons that end a line, and is recorded once all of them
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from outbox.errors import OutboxError
+from outbox.core.errors import OutboxError
 
 NO_TRANSACTION = "-- outbox:no-transaction"
 LOCK_TIMEOUT = "10s"  # a migration never queues other sessions behind it for longer
@@ -63,7 +63,7 @@ class Migration:
 @cache
 def migrations() -> tuple[Migration, ...]:
     """Every migration shipped with this code, in order."""
-    folder = resources.files("outbox").joinpath("migrations")
+    folder = resources.files("outbox.store").joinpath("migrations")
     found = []
     for entry in folder.iterdir():
         match = _FILE.match(entry.name)
@@ -72,7 +72,7 @@ def migrations() -> tuple[Migration, ...]:
     found.sort(key=lambda m: m.version)
     numbers = [m.version for m in found]
     if numbers != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"outbox/migrations: numbers must run 1, 2, 3 … without gaps: {numbers}")
+        raise RuntimeError(f"outbox/store/migrations: numbers must run 1, 2, 3 … without gaps: {numbers}")
     return tuple(found)
 
 
