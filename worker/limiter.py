@@ -117,7 +117,10 @@ for i, key in ipairs(KEYS) do
   local kind, n = ARGV[b + 1], tonumber(ARGV[b + 2])
   local span = tonumber(ARGV[b + 3]) * 1000 * (1 + guard)
   if kind == 'p' then
-    redis.call('SET', key, tostring(last + span / n), 'PX', math.ceil(last - now + span / n) + 1000)
+    -- %.3f, not tostring: a ms timestamp in 14 digits keeps only 0.1 ms, which rounded 5.05 ms
+    -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
+    local tat = last + span / n
+    redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
   else
     redis.call('ZADD', key, at, member)
     redis.call('PEXPIRE', key, math.ceil(wait + span) + 1000)
