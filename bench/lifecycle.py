@@ -44,7 +44,16 @@ MIX = [
 ]
 
 
-def fill(url: str, messages: int) -> None:
+def fill(
+    url: str,
+    messages: int,
+    *,
+    mix: list[tuple[str, float]] = MIX,
+    age_days: int = 0,
+    recipients: bool = False,
+) -> None:
+    """`messages` generated rows in `mix`, last changed over the 30 days before `age_days` ago,
+    with one attempt each (and with `recipients`, one recipient result per attempted one)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET session_replication_role = replica")  # no triggers while loading
         for i in range(5):
@@ -54,7 +63,7 @@ def fill(url: str, messages: int) -> None:
                 [f"c{i}", f"c{i}@example.com"],
             )
         start = 0
-        for status, share in MIX:
+        for status, share in mix:
             n = int(messages * share)
             t = time.monotonic()
             conn.execute(
@@ -63,15 +72,16 @@ def fill(url: str, messages: int) -> None:
                     message_id, next_attempt_at, attempts, connector_id, lease_token,
                     lease_expires_at, created_at, updated_at, sent_at)
                 SELECT g, %(status)s, 'a@example.com', '{b@example.org}', 'bench', 'body',
-                       '<' || g || '@bench>', now() - (g %% 1000) * interval '1 second', 1,
+                       '<' || g || '@bench>', t0 - (g %% 1000) * interval '1 second', 1,
                        1 + g %% 5,
                        CASE WHEN %(status)s IN ('dispatched', 'sending') THEN gen_random_uuid() END,
                        CASE WHEN %(status)s IN ('dispatched', 'sending') THEN now() + interval '5 min' END,
-                       now() - (g %% 2592000) * interval '1 second',
-                       now() - (g %% 2592000) * interval '1 second',
-                       CASE WHEN %(status)s = 'sent' THEN now() - (g %% 2592000) * interval '1 second' END
-                  FROM generate_series(%(lo)s, %(hi)s) g""",
-                {"status": status, "lo": start + 1, "hi": start + n},
+                       t0 - (g %% 2592000) * interval '1 second',
+                       t0 - (g %% 2592000) * interval '1 second',
+                       CASE WHEN %(status)s = 'sent' THEN t0 - (g %% 2592000) * interval '1 second' END
+                  FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g,
+                       LATERAL (SELECT now() - make_interval(days => %(age)s::int)) AS t(t0)""",
+                {"status": status, "lo": start + 1, "hi": start + n, "age": age_days},
             )
             start += n
             print(f"  {n:>9} {status} in {time.monotonic() - t:.1f} s", flush=True)
@@ -91,9 +101,21 @@ def fill(url: str, messages: int) -> None:
             " (SELECT max(id) FROM outbox.message))"
         )
         print(f"  attempts in {time.monotonic() - t:.1f} s", flush=True)
+        if recipients:
+            t = time.monotonic()
+            conn.execute(
+                """
+                INSERT INTO outbox.recipient (message_id, addr, status, smtp_code, smtp_reply, updated_at)
+                SELECT m.id, m.to_addrs[1], CASE WHEN m.status = 'failed' THEN 'failed' ELSE 'sent' END,
+                       CASE WHEN m.status = 'failed' THEN 550 ELSE 250 END, 'ok', m.updated_at
+                  FROM outbox.message m WHERE m.status IN ('sent', 'partial', 'failed')""",
+            )
+            print(f"  recipients in {time.monotonic() - t:.1f} s", flush=True)
         t = time.monotonic()
         conn.execute("VACUUM ANALYZE outbox.message")
         conn.execute("VACUUM ANALYZE outbox.attempt")
+        if recipients:
+            conn.execute("VACUUM ANALYZE outbox.recipient")
         print(f"  vacuum analyze in {time.monotonic() - t:.1f} s", flush=True)
 
 

@@ -117,11 +117,14 @@ def insert_rows(url: str, n: int, first: int = 1) -> None:
         conn.execute(INSERT_OUTBOX_SQL, insert_params(first, first + n - 1))
 
 
-def _counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+def _counts(conn: psycopg.Connection[Any], after_id: int = 0) -> tuple[int, int]:
+    """Sent and otherwise finished rows among those with an id above `after_id` (the rows a run
+    inserted, when the database already held others)."""
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'sent'),"
         " count(*) FILTER (WHERE status IN ('failed', 'partial', 'held', 'cancelled'))"
-        " FROM outbox.message"
+        " FROM outbox.message WHERE id > %s",
+        [after_id],
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
@@ -171,14 +174,18 @@ def throughput(
     label: str = "e2e",
     timeout: float | None = None,
     pre_sql: str | None = None,
+    database: str | None = None,
 ) -> Throughput:
     """Insert `n` rows, run `outbox run --until-idle`, time from its start until every row is
-    `sent` (the last `sent_at`)."""
+    `sent` (the last `sent_at`). In a new database from the template, or in `database` (kept;
+    its rows from before are left out of the counts and the timing)."""
     env.runs += 1
-    database = env.dbs.create(f"{label}{env.runs}", template=env.template)
+    keep = database is not None
+    database = database or env.dbs.create(f"{label}{env.runs}", template=env.template)
     url = env.dbs.url(database)
     namespace = env.namespace()
-    insert_rows(url, n)
+    before = _max_id(url)
+    insert_rows(url, n, first=before + 1)
     if pre_sql:
         with connect(url) as conn:
             conn.execute(pre_sql)  # type: ignore[arg-type]
@@ -201,7 +208,7 @@ def throughput(
             warm_cpu, warm_sent, done_cpu = 0.0, 0, 0.0
             try:
                 for _ in range(int(deadline_s / POLL_SECONDS) + 1):  # bounded by count and time
-                    sent, bad = _counts(conn)
+                    sent, bad = _counts(conn, before)
                     if warm_at is None and sent >= max(1, n // 10):
                         warm_at, warm_cpu, warm_sent = time.monotonic(), sampler.sample(), sent
                     if sent + bad >= n:
@@ -217,7 +224,8 @@ def throughput(
                     raise RuntimeError(f"{bad} of {n} rows did not end `sent`; see {log_path}")
                 first, last = conn.execute(
                     "SELECT extract(epoch FROM min(sent_at)), extract(epoch FROM max(sent_at))"
-                    " FROM outbox.message"
+                    " FROM outbox.message WHERE id > %s",
+                    [before],
                 ).fetchone()  # type: ignore[misc]
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=30)  # --until-idle exits by itself once idle
@@ -235,8 +243,14 @@ def throughput(
             cpu_ms_per_msg=(done_cpu - warm_cpu) * 1000 / (n - warm_sent) if n > warm_sent else None,
         )
     finally:
-        env.dbs.drop(database)
+        if not keep:
+            env.dbs.drop(database)
         clean_redis(env.redis_url, namespace)
+
+
+def _max_id(url: str) -> int:
+    with connect(url) as conn:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM outbox.message").fetchone()[0])  # type: ignore[index]
 
 
 # -- latency at a steady offered load ---------------------------------------------------------
@@ -272,10 +286,10 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[k]
 
 
-def _wait_all_sent(conn: psycopg.Connection[Any], expected: int, timeout: float) -> None:
+def _wait_all_sent(conn: psycopg.Connection[Any], expected: int, timeout: float, after_id: int = 0) -> None:
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.05) + 1):
-        sent, bad = _counts(conn)
+        sent, bad = _counts(conn, after_id)
         if bad:
             raise RuntimeError(f"{bad} rows did not end `sent`")
         if sent >= expected:
@@ -287,15 +301,24 @@ def _wait_all_sent(conn: psycopg.Connection[Any], expected: int, timeout: float)
 
 
 def latency(
-    env: Env, *, rate: float, seconds: float, warm_n: int = 0, extra_env: dict[str, str] | None = None
+    env: Env,
+    *,
+    rate: float,
+    seconds: float,
+    warm_n: int = 0,
+    extra_env: dict[str, str] | None = None,
+    database: str | None = None,
 ) -> Latency:
     """Start the default `outbox run`, warm it up, then insert one row every 1/rate seconds
     for `seconds` and read insert->sent as `sent_at - created_at`. With `warm_n`, then also
-    time `warm_n` rows inserted at once into the already running pipeline."""
+    time `warm_n` rows inserted at once into the already running pipeline. In a new database
+    from the template, or in `database` (kept; its rows from before are left out)."""
     env.runs += 1
-    database = env.dbs.create(f"lat{env.runs}", template=env.template)
+    keep = database is not None
+    database = database or env.dbs.create(f"lat{env.runs}", template=env.template)
     url = env.dbs.url(database)
     namespace = env.namespace()
+    base = _max_id(url)
     log_path = env.workdir / f"lat{env.runs}.log"
     try:
         with open(log_path, "wb") as log, connect(url) as conn:
@@ -307,8 +330,8 @@ def latency(
             )
             try:
                 warmup = 20
-                insert_rows(url, warmup)
-                _wait_all_sent(conn, warmup, timeout=60)
+                insert_rows(url, warmup, first=base + 1)
+                _wait_all_sent(conn, warmup, timeout=60, after_id=base)
                 first_id = int(conn.execute("SELECT max(id) FROM outbox.message").fetchone()[0])  # type: ignore[index]
                 count = max(1, int(rate * seconds))
                 t0 = time.monotonic()
@@ -318,7 +341,7 @@ def latency(
                         time.sleep(delay)
                     conn.execute(INSERT_ONE_SQL, (FROM_ADDR, to_addr(i), f"latency {i}", body(i)))
                 offered_for = time.monotonic() - t0
-                _wait_all_sent(conn, warmup + count, timeout=60)
+                _wait_all_sent(conn, warmup + count, timeout=60, after_id=base)
                 rows = conn.execute(
                     "SELECT extract(epoch FROM sent_at - created_at),"
                     " extract(epoch FROM last_attempt_at - created_at),"
@@ -343,16 +366,19 @@ def latency(
                     claim_to_sent_p99=_percentile(claim_to_sent, 0.99),
                 )
                 if warm_n:
-                    result.warm = _warm_burst(conn, url, warm_n, proc.pid, already=warmup + count)
+                    result.warm = _warm_burst(conn, url, warm_n, proc.pid, already=warmup + count, base=base)
                 return result
             finally:
                 _stop(proc)
     finally:
-        env.dbs.drop(database)
+        if not keep:
+            env.dbs.drop(database)
         clean_redis(env.redis_url, namespace)
 
 
-def _warm_burst(conn: psycopg.Connection[Any], url: str, n: int, pid: int, already: int) -> Throughput:
+def _warm_burst(
+    conn: psycopg.Connection[Any], url: str, n: int, pid: int, already: int, base: int = 0
+) -> Throughput:
     """`n` rows in one INSERT into a pipeline that is already running: commit -> last sent."""
     sampler = RssSampler(pid).start()
     try:
@@ -360,7 +386,7 @@ def _warm_burst(conn: psycopg.Connection[Any], url: str, n: int, pid: int, alrea
         t0 = time.monotonic()
         first_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM outbox.message").fetchone()[0])  # type: ignore[index]
         insert_rows(url, n, first=first_id + 1)
-        _wait_all_sent(conn, already + n, timeout=max(60.0, n / 20))
+        _wait_all_sent(conn, already + n, timeout=max(60.0, n / 20), after_id=base)
         cpu1 = sampler.sample()
         done = time.monotonic()
         created, first, last = conn.execute(

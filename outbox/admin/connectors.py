@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 
 from outbox.core import limits
 from outbox.core.connector_rules import effective_security, oauth_scopes, token_url
-from outbox.core.errors import ConfigurationError, NotFoundError, ValidationError
+from outbox.core.errors import ConfigurationError, ConflictError, NotFoundError, ValidationError
 from outbox.core.message import check_address
 from outbox.core.resolve import OUTBOUND, Connector, resolve
 from outbox.store import secrets
@@ -246,16 +246,16 @@ def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None =
         conn.execute(Q["lock_connectors"])
         existing = load_all(conn)
         if any(c.name == new.name for c in existing):
-            raise ValidationError(f"a connector named {new.name!r} exists already")
+            raise ConflictError(f"a connector named {new.name!r} exists already")
         if new.direction in OUTBOUND:
             claimed = {a for c in existing if c.outbound for a in c.addresses}
             clash = sorted({values["address"], *values["aliases"]} & claimed)
             if clash:
-                raise ValidationError(f"{', '.join(clash)} already belongs to another outbound connector")
+                raise ConflictError(f"{', '.join(clash)} already belongs to another outbound connector")
         if new.default_gateway:
             gateway = next((c for c in existing if c.is_default_gateway), None)
             if gateway is not None:
-                raise ValidationError(f"connector {gateway.name} is already the System Default Gateway")
+                raise ConflictError(f"connector {gateway.name} is already the System Default Gateway")
         row = conn.execute(Q["insert_connector"], values).fetchone()
         assert row is not None
         _event(
@@ -363,7 +363,7 @@ def update(
             claimed = {a for c in load_all(conn) if c.outbound and c.id != current.id for a in c.addresses}
             clash = sorted({values["address"], *values["aliases"]} & claimed)
             if clash:
-                raise ValidationError(f"{', '.join(clash)} already belongs to another outbound connector")
+                raise ConflictError(f"{', '.join(clash)} already belongs to another outbound connector")
         before = describe(current)
         conn.execute(Q["update_connector"], values | {"id": current.id})
         after = describe(get(conn, name))

@@ -87,13 +87,32 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
         click.echo(render(data))
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain aligned table for terminals."""
+def table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    width: int | None = None,
+    shrink: Sequence[tuple[str, int]] = (),
+) -> str:
+    """A plain aligned table for terminals. With `width`, the `shrink` columns (first named,
+    first cut, each to no less than its minimum) are clipped with "…" until a line fits."""
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    if width is not None:
+        for name, least in shrink:
+            i = columns.index(name)
+            excess = sum(widths) + 2 * (len(columns) - 1) - width
+            if excess <= 0:
+                break
+            widths[i] = max(least, len(name), widths[i] - excess)
+            cells = [[*row[:i], _clip(row[i], widths[i]), *row[i + 1 :]] for row in cells]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

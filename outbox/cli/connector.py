@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -342,46 +342,74 @@ def _read_password(option: str = "--password-stdin") -> str:
 
 
 @connector.command("list")
+@click.option("--wide", is_flag=True, help="Every column (security, username, secrets, limits).")
 @json_option
 @with_conn
-def connector_list(conn: psycopg.Connection[Any], as_json: bool) -> None:
+def connector_list(conn: psycopg.Connection[Any], wide: bool, as_json: bool) -> None:
     """List connectors (passwords and client secrets are never shown, only how they are kept).
 
     STATE is ok, disabled, failing, or "backing off until T" after failures to reach or log
-    in to the server; LIMITS its provider limits (rate limits, conn: sessions, rcpt:
-    recipients per transaction, msg/conn: messages per session); ERROR is the last error
-    while it is current (nothing got through and no reset since). --json also keeps the
-    history (last_error and last_error_at) and the limits one by one."""
+    in to the server; ERROR is the last error while it is current (nothing got through and no
+    reset since); GW marks the System Default Gateway. The table fits 100 columns; --wide adds
+    the server, security, username, how secrets are kept and LIMITS (rate limits, conn:
+    sessions, rcpt: recipients per transaction, msg/conn: messages per session). --json has
+    everything, with the error history (last_error and last_error_at) and the limits one by
+    one."""
     loaded = connectors.load_all(conn)
     rows = [connectors.describe(c) for c in loaded]
     compact = {c.name: connectors.limits_summary(c) for c in loaded}
-    emit(
-        rows,
-        as_json,
-        lambda rs: (
-            table(
-                [r | {"limits": compact[r["name"]]} for r in rs],
-                [
-                    "name",
-                    "direction",
-                    "address",
-                    "host",
-                    "port",
-                    "effective_security",
-                    "username",
-                    "auth",
-                    "password",
-                    "enabled",
-                    "default_gateway",
-                    "state",
-                    "limits",
-                    "error",
-                ],
-            )
-            if rs
-            else "no connectors"
-        ),
-    )
+
+    def render(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "no connectors"
+        if wide:
+            return table([r | {"limits": compact[r["name"]]} for r in rs], WIDE_COLUMNS)
+        narrow = [_narrow(r) for r in rs]
+        return table(narrow, NARROW_COLUMNS, width=100, shrink=NARROW_SHRINK)
+
+    emit(rows, as_json, render)
+
+
+WIDE_COLUMNS = (
+    "name",
+    "direction",
+    "address",
+    "host",
+    "port",
+    "effective_security",
+    "username",
+    "auth",
+    "password",
+    "enabled",
+    "default_gateway",
+    "state",
+    "limits",
+    "error",
+)
+NARROW_COLUMNS = ("name", "gw", "address", "state", "error")
+NARROW_SHRINK = (("address", 16), ("error", 20))  # cut first, to at least
+
+
+def _short_state(r: dict[str, Any]) -> str:
+    """The state with a shorter time: `backing off until 15:38:38Z` when that is today (UTC)."""
+    until = r["backoff_until"]
+    if r["health"] != "backing off" or until is None:
+        return str(r["state"])
+    until = until.astimezone(UTC)
+    same_day = until.date() == datetime.now(UTC).date()
+    when = until.strftime("%H:%M:%SZ") if same_day else until.isoformat(timespec="seconds")
+    return f"backing off until {when}"
+
+
+def _narrow(r: dict[str, Any]) -> dict[str, Any]:
+    aliases = f" (+{len(r['aliases'])})" if r["aliases"] else ""
+    return {
+        "name": r["name"] if r["direction"] != "incoming" else f"{r['name']} (incoming)",
+        "address": r["address"] + aliases,
+        "gw": "*" if r["default_gateway"] else None,
+        "state": _short_state(r),
+        "error": r["error"],
+    }
 
 
 @connector.command("enable")

@@ -10,7 +10,7 @@ import click
 import psycopg
 
 from outbox.admin import operations
-from outbox.cli.base import cli, emit, json_option, table, with_conn
+from outbox.cli.base import EXIT_ERROR, cli, emit, json_option, table, with_conn
 from outbox.core.errors import OutboxError
 
 # -- helpers -------------------------------------------------------------------------------
@@ -148,6 +148,10 @@ def _run(
         _confirm(plan, yes, as_json)
     result = operations.apply(conn, plan, actor=actor, dry_run=dry_run)
     emit(result.as_dict(), as_json, _render)
+    if not dry_run and not result.as_dict()["count"] and result.as_dict()["skipped"]:
+        # everything named was refused (e.g. `send-now` or `cancel` of a sent message): exit 1
+        conn.commit()
+        click.get_current_context().exit(EXIT_ERROR)
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ class ValidationError(OutboxError, ValueError):
     """Bad input to `enqueue` or the CLI; nothing was written."""
 
 
+class ConflictError(ValidationError):
+    """Refused because of what exists already (a name or address taken); exit 1, not 2."""
+
+
 class NotFoundError(OutboxError, LookupError):
     """A message or connector that does not exist."""
 

@@ -18,7 +18,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from psycopg.rows import dict_row
 
-from outbox.core.errors import NotFoundError, ValidationError
+from outbox.core.errors import ConflictError, NotFoundError, ValidationError
 from outbox.store.sql import queries
 
 Q = queries("outbox.web")
@@ -77,7 +77,7 @@ def add(conn: psycopg.Connection[Any], name: str, role: str, password: str) -> N
     params = {"name": check_name(name), "role": check_role(role), "password_hash": hash_password(password)}
     with conn.transaction():
         if conn.execute(Q["insert_user"], params).fetchone() is None:
-            raise ValidationError(f"a user named {name!r} exists already")
+            raise ConflictError(f"a user named {name!r} exists already")
 
 
 def passwd(conn: psycopg.Connection[Any], name: str, password: str) -> None:

@@ -106,7 +106,7 @@ def test_send_with_a_route_says_nothing_on_stderr(cli_env, parked_gateway):
 )
 def test_bad_input_is_one_line_and_writes_nothing(cli_env, db, args, message):
     proc = outbox(cli_env, "send", *args, "--subject", "s", "--text", "t", check=False)
-    assert message in one_line_error(proc)
+    assert message in one_line_error(proc, code=2)
     assert count(db) == 0
 
 
@@ -124,7 +124,7 @@ def test_subject_with_line_break_is_refused(cli_env, db):
         "t",
         check=False,
     )
-    assert "subject must be a single line" in one_line_error(proc)
+    assert "subject must be a single line" in one_line_error(proc, code=2)
     assert count(db) == 0
 
 
@@ -143,7 +143,7 @@ def test_size_limit_is_checked_at_enqueue(cli_env, db, parked_gateway):
         "x" * 5000,
         check=False,
     )
-    assert "over the maximum email size of 2048 bytes" in one_line_error(proc)
+    assert "over the maximum email size of 2048 bytes" in one_line_error(proc, code=2)
     assert count(db) == 0
 
 
@@ -182,10 +182,10 @@ def test_settings_set_and_show(cli_env):
         "override-bcc",
     } <= set(shown)
     assert "max-attempts: Input should be less than or equal to 10" in one_line_error(
-        outbox(cli_env, "settings", "set", "max-attempts", "11", check=False)
+        outbox(cli_env, "settings", "set", "max-attempts", "11", check=False), code=2
     )
     assert "retry-max-seconds must not be below" in one_line_error(
-        outbox(cli_env, "settings", "set", "retry-max-seconds", "0.5", check=False)
+        outbox(cli_env, "settings", "set", "retry-max-seconds", "0.5", check=False), code=2
     )
     unknown = outbox(cli_env, "settings", "set", "colour", "blue", check=False)
     assert "Invalid value for 'KEY'" in one_line_error(unknown, code=2)
@@ -349,9 +349,10 @@ def test_unreachable_database_is_one_line(cli_env):
     assert "cannot reach the database" in one_line_error(outbox(env, "status", check=False), code=3)
 
 
-def test_missing_schema_says_run_db_init(cli_env, database_url, db):
+def test_missing_schema_says_run_db_migrate(cli_env, database_url, db):
     db.execute("DROP SCHEMA outbox CASCADE")
-    assert "run `outbox db init`" in one_line_error(outbox(cli_env, "status", check=False))
+    line = one_line_error(outbox(cli_env, "status", check=False))
+    assert "schema is missing or older than this code: run `outbox db migrate`" in line
 
 
 def test_help_shows_env_vars(cli_env):

@@ -217,7 +217,7 @@ def test_a_passing_connector_test_sends_the_waiting_mail_and_a_failing_one_chang
 
 def listed(cli_env):
     [row] = json.loads(outbox_cli(cli_env, "connector", "list", "--json").stdout)
-    return row, outbox_cli(cli_env, "connector", "list").stdout
+    return row, outbox_cli(cli_env, "connector", "list", "--wide").stdout
 
 
 def test_list_shows_backing_off_until_then_no_old_error_once_reset(db, smtp, pipeline, cli_env, slow_backoff):

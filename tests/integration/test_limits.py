@@ -214,4 +214,4 @@ def test_a_throttling_reply_slows_the_connector_down_and_an_operator_sees_it(db,
     assert actor == "worker" and detail["interval_seconds"] == 0.1 and "454" in detail["reply"]
     listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
     assert 10 <= listed["gw"]["slowdown"]["per_second"] < 20  # recovering: doubles in 30 s
-    assert "slowed to" in outbox_cmd(cli_env, "connector", "list").stdout
+    assert "slowed to" in outbox_cmd(cli_env, "connector", "list", "--wide").stdout

@@ -38,7 +38,7 @@ def test_limits_are_stored_shown_and_cleared(cli_env):
         "max_recipients": 500,
         "max_messages_per_connection": 100,
     }
-    table = outbox(cli_env, "connector", "list").stdout
+    table = outbox(cli_env, "connector", "list", "--wide").stdout
     assert "30/min 10000/day conn 3 rcpt 500 msg/conn 100" in table
 
     outbox(cli_env, "connector", "update", "m365", "--rate-limit", "10/s", "--max-recipients", "none")
@@ -59,7 +59,7 @@ def test_limits_are_stored_shown_and_cleared(cli_env):
 def test_without_max_connections_there_is_no_cap_across_workers(cli_env):
     outbox(cli_env, *ADD)
     assert listed(cli_env)["m365"]["limits"]["max_connections"] is None
-    assert "conn" not in outbox(cli_env, "connector", "list").stdout
+    assert "conn" not in outbox(cli_env, "connector", "list", "--wide").stdout
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_rate_limit_none_with_another_is_refused(cli_env, db):
     proc = outbox(
         cli_env, "connector", "update", "m365", "--rate-limit", "none", "--rate-limit", "1/s", check=False
     )
-    assert proc.returncode == 1 and "give it alone" in proc.stderr
+    assert proc.returncode == 2 and "give it alone" in proc.stderr
     assert listed(cli_env)["m365"]["limits"]["rate_limits"] == ["5/s"]
 
 

@@ -281,7 +281,7 @@ def test_basic_auth_refusal_says_oauth_is_required_and_how_to_switch(
         assert (
             last_error.startswith("550 5.7.30 Basic authentication is not supported") and hint in last_error
         )
-        listed = outbox_cli(cli_env, "connector", "list")
+        listed = outbox_cli(cli_env, "connector", "list", "--wide")
         assert "5.7.30" in listed.stdout and hint in listed.stdout
         assert server.recorder.received == []
     finally:

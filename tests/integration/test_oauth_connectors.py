@@ -70,7 +70,7 @@ def test_tenant_connector_is_listed_with_entra_endpoint_and_scope_never_the_secr
     }
     assert row["auth"].startswith("oauth2 (client 11111111-2222-3333-4444-555555555555, tenant ")
     assert row["password"] == "none" and row["effective_security"] == "starttls"
-    table = outbox_cli(env, "connector", "list").stdout
+    table = outbox_cli(env, "connector", "list", "--wide").stdout
     assert "oauth2 (client 1111" in table
     stored = db.execute("SELECT row_to_json(c)::text FROM outbox.connector c").fetchone()[0]
     for text in (table, json.dumps(row), stored):
@@ -177,7 +177,7 @@ OAUTH = ["--username", "box@contoso.com", "--auth", "oauth2", "--oauth-client-id
     ],
 )
 def test_bad_oauth_settings_are_one_line_and_write_nothing(env, db, args, message):
-    assert message in one_line_error(add(env, "bad", *args, check=False))
+    assert message in one_line_error(add(env, "bad", *args, check=False), code=2)
     assert db.execute("SELECT count(*) FROM outbox.connector").fetchone()[0] == 0
 
 
@@ -219,7 +219,7 @@ def test_switch_password_connector_to_oauth2_and_back(env, db):
     )
     # back to a password: the OAuth settings and the client secret go
     back = outbox_cli(env, "connector", "update", "m365", "--auth", "password", check=False)
-    assert "--username needs --password-env VAR or --password-stdin" in one_line_error(back)
+    assert "--username needs --password-env VAR or --password-stdin" in one_line_error(back, code=2)
     outbox_cli(env, "connector", "update", "m365", "--auth", "password", "--password-env", "M365_PW")
     row = listed(env)["m365"]
     assert (row["auth"], row["oauth"], row["password"]) == ("password", None, "env:M365_PW")

@@ -32,6 +32,14 @@ def run_json(env, *args):
     return json.loads(run(env, *args, "--json").stdout)
 
 
+def refused_json(env, *args):
+    """A command that changed nothing because everything it named was skipped: exit 1, and
+    its JSON still says why."""
+    proc = run(env, *args, "--json", check=False)
+    assert proc.returncode == 1, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def gateway(db, server, name="gw", **kw):
     add_gateway(db, server, name, actor="test", **kw)
 
@@ -92,7 +100,7 @@ def test_replay_failed_message_resends_it_with_the_same_message_id(db, smtp, pip
         None,
     )
     # the same replay again: the row is queued already, nothing changes, nothing is audited
-    again = run_json(cli_env, "replay", str(msg_id), "--actor", "alice")
+    again = refused_json(cli_env, "replay", str(msg_id), "--actor", "alice")
     assert again["count"] == 0 and again["skipped"][0]["status"] == "queued"
     assert row(db, msg_id) == ("queued", 0, 1)
 
@@ -202,8 +210,8 @@ def test_replay_of_sent_message_needs_force(db, smtp, pipeline, cli_env):
     pipeline.until_status(msg_id, "sent")
     smtp.recorder.wait_for(1)
 
-    assert "add --force" in one_line_error(run(cli_env, "replay", str(msg_id), check=False))
-    assert "add --force" in one_line_error(run(cli_env, "replay", "--status", "sent", check=False))
+    assert "add --force" in one_line_error(run(cli_env, "replay", str(msg_id), check=False), code=2)
+    assert "add --force" in one_line_error(run(cli_env, "replay", "--status", "sent", check=False), code=2)
     assert row(db, msg_id) == ("sent", 1, 0) and audits(db) == []
 
     out = run_json(cli_env, "replay", str(msg_id), "--force")
@@ -217,14 +225,14 @@ def test_replay_of_sent_message_needs_force(db, smtp, pipeline, cli_env):
 
 def test_replay_refuses_unknown_ids_and_empty_selections(db, cli_env, parked_gateway):
     assert "no message with id 4242" in one_line_error(run(cli_env, "replay", "4242", check=False))
-    assert "give message ids or a filter" in one_line_error(run(cli_env, "replay", check=False))
+    assert "give message ids or a filter" in one_line_error(run(cli_env, "replay", check=False), code=2)
     assert "no connector named 'nope'" in one_line_error(
         run(cli_env, "replay", "--connector", "nope", check=False)
     )
-    assert "--since" in one_line_error(run(cli_env, "replay", "--since", "yesterday", check=False))
+    assert "--since" in one_line_error(run(cli_env, "replay", "--since", "yesterday", check=False), code=2)
     msg_id = send(db)
     db.execute("UPDATE outbox.message SET status = 'failed', last_error = 'boom' WHERE id = %s", [msg_id])
-    out = run_json(cli_env, "replay", str(msg_id), "--error-contains", "timeout")
+    out = refused_json(cli_env, "replay", str(msg_id), "--error-contains", "timeout")
     assert out["count"] == 0 and out["skipped"] == [
         {"id": msg_id, "status": "failed", "reason": "failed: does not match the filter"}
     ]
@@ -289,9 +297,9 @@ def test_cancelled_scheduled_retry_and_held_messages_never_reach_the_server(db, 
     pipeline.until_status(later, "sent")
     assert [r.message["Subject"] for r in smtp.recorder.wait_for(1)] == ["after the cancel"]
     assert {row(db, i)[0] for i in (scheduled, retrying, held)} == {"cancelled"}
-    # a second cancel is harmless, and send-now does not revive a cancelled message
-    assert run_json(cli_env, "cancel", str(scheduled))["count"] == 0
-    assert run_json(cli_env, "send-now", str(scheduled))["skipped"][0]["status"] == "cancelled"
+    # a second cancel changes nothing (exit 1), and send-now does not revive a cancelled message
+    assert refused_json(cli_env, "cancel", str(scheduled))["count"] == 0
+    assert refused_json(cli_env, "send-now", str(scheduled))["skipped"][0]["status"] == "cancelled"
     assert smtp.recorder.received[-1].message["Subject"] == "after the cancel"
 
 
@@ -308,8 +316,10 @@ def test_cancel_by_filter_asks_and_skips_a_message_being_sent(db, cli_env, parke
     )
     out = run_json(cli_env, "cancel", "--from", "app@example.com", "--yes")
     assert sorted(out["ids"]) == ids[:2]
-    sending = run(cli_env, "cancel", str(ids[2])).stdout
-    assert "nothing to cancel" in sending and "cannot be cancelled safely" in sending
+    refused = run(cli_env, "cancel", str(ids[2]), check=False)
+    sending = refused.stdout
+    assert refused.returncode == 1 and "nothing to cancel" in sending
+    assert "cannot be cancelled safely" in sending
     assert row(db, ids[2])[0] == "sending"
 
 
@@ -359,8 +369,10 @@ def test_send_now_delivers_a_message_scheduled_in_a_year(db, smtp, pipeline, cli
     assert [r.message["Subject"] for r in smtp.recorder.wait_for(1)] == ["next year"]
     [(action, actor, n, ids, _sel)] = audits(db)
     assert (action, actor, n, ids) == ("send-now", "carol", 1, [msg_id])
-    skipped = run(cli_env, "send-now", str(msg_id)).stdout
-    assert "nothing to send now" in skipped and "replay sends a finished message again" in skipped
+    refused = run(cli_env, "send-now", str(msg_id), check=False)
+    skipped = refused.stdout
+    assert refused.returncode == 1 and "nothing to send now" in skipped
+    assert "replay sends a finished message again" in skipped
     assert "no message with id 999" in one_line_error(run(cli_env, "send-now", "999", check=False))
 
 
@@ -410,7 +422,7 @@ def test_prune_deletes_old_finished_messages_and_their_history(db, smtp, pipelin
     [(action, _actor, n, ids, selection)] = audits(db, "prune")
     assert (action, n, ids, selection["older_than"]) == ("prune", 3, None, "90d")
     assert run_json(cli_env, "prune", "--older-than", "90d")["messages"] == 0
-    assert "--older-than" in one_line_error(run(cli_env, "prune", "--older-than", "90", check=False))
+    assert "--older-than" in one_line_error(run(cli_env, "prune", "--older-than", "90", check=False), code=2)
 
 
 # -- status --------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ def test_add_list_passwd_remove(db, cli_env):
     [
         (("add", "bob", "--role", "viewer"), "", 2, "--password-stdin"),
         (("add", "bob", "--role", "root", "--password-stdin"), "long enough\n", 2, "root"),
-        (("add", "bob", "--role", "viewer", "--password-stdin"), "short\n", 1, "at least 8"),
-        (("add", "bob", "--role", "viewer", "--password-stdin"), "\n", 1, "empty password"),
-        (("add", "bad name", "--role", "viewer", "--password-stdin"), "long enough\n", 1, "user name"),
+        (("add", "bob", "--role", "viewer", "--password-stdin"), "short\n", 2, "at least 8"),
+        (("add", "bob", "--role", "viewer", "--password-stdin"), "\n", 2, "empty password"),
+        (("add", "bad name", "--role", "viewer", "--password-stdin"), "long enough\n", 2, "user name"),
         (("add", "carol", "--role", "viewer", "--password-stdin"), "long enough\n", 1, "exists already"),
         (("remove", "nobody"), "", 1, "no user named 'nobody'"),
         (("passwd", "nobody", "--password-stdin"), "long enough\n", 1, "no user named 'nobody'"),
