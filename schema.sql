@@ -28,7 +28,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (5, 'bounded_lookups'),
     (6, 'worker_connector_events'),
     (7, 'provider_limits'),
-    (8, 'max_connections_across_workers')
+    (8, 'faster_retention'),
+    (9, 'max_connections_across_workers')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -760,7 +761,8 @@ CREATE INDEX IF NOT EXISTS connector_event_at_idx ON outbox.connector_event (at)
 -- One batch of finished messages last changed before `cutoff`, with their history: the oldest
 -- first, rows locked by someone else left for the next batch. Used by `outbox prune` and by
 -- the poller's retention. SECURITY DEFINER: the poller's role (`outbox_worker`) may delete
--- finished messages this way and no other.
+-- finished messages this way and no other. The history goes by message id (`= ANY`, index
+-- lookups; 0008): a join with `doomed` was planned for far more rows than a batch.
 CREATE OR REPLACE FUNCTION outbox.delete_finished(cutoff timestamptz, batch integer)
 RETURNS TABLE (messages bigint, attempts bigint, recipients bigint, attachments bigint)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -770,10 +772,10 @@ WITH doomed AS MATERIALIZED (
      ORDER BY updated_at
      LIMIT batch
        FOR UPDATE SKIP LOCKED),
-a AS (DELETE FROM outbox.attempt a USING doomed d WHERE a.message_id = d.id RETURNING 1),
-r AS (DELETE FROM outbox.recipient r USING doomed d WHERE r.message_id = d.id RETURNING 1),
-x AS (DELETE FROM outbox.attachment x USING doomed d WHERE x.message_id = d.id RETURNING 1),
-m AS (DELETE FROM outbox.message m USING doomed d WHERE m.id = d.id RETURNING 1)
+a AS (DELETE FROM outbox.attempt WHERE message_id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1),
+r AS (DELETE FROM outbox.recipient WHERE message_id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1),
+x AS (DELETE FROM outbox.attachment WHERE message_id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1),
+m AS (DELETE FROM outbox.message WHERE id = ANY (ARRAY(SELECT id FROM doomed)) RETURNING 1)
 SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM a), (SELECT count(*) FROM r),
        (SELECT count(*) FROM x)
 $$;
@@ -859,7 +861,7 @@ BEGIN
 END
 $$;
 
--- Max connections across workers (migration 0008) ----------------------------------------
+-- Max connections across workers (migration 0009) ----------------------------------------
 -- max_connections: the most concurrent SMTP sessions to the connector across all worker
 -- processes and hosts (NULL: no cap; each worker process keeps up to 4 of its own).
 ALTER TABLE outbox.connector ALTER COLUMN max_connections DROP NOT NULL;

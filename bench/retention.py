@@ -9,8 +9,8 @@ attempt and, when attempted, one recipient result, all last changed 60 to 90 day
 (off, on, off, on, ...) so that whatever else the machine does weighs on both alike:
 
 1. throughput: `--n` fresh messages delivered end to end by `outbox run --until-idle` with
-   `retention-days` 0 (off) and 30 (on: every old row is due, and the poller deletes them in
-   batches of 500 while it dispatches, 0.25 s per pass, a pass a second while a backlog lasts);
+   `retention-days` 0 (off) and 30 (on: every old row is due, and the poller's retention
+   thread deletes them in batches of 500 beside dispatch, resting 3x a batch's time between);
 2. latency: one row every 1/50 s for `--latency-seconds` into a running `outbox run`, off and
    on, insert->sent p50/p99;
 3. drain: `outbox run` with nothing to send and retention on for `--drain-seconds`: the
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -48,24 +47,6 @@ FINISHED_MIX = [("sent", 0.9800), ("failed", 0.0100), ("partial", 0.0070), ("can
 OLD_AGE_DAYS = 60  # rows last changed 60..90 days ago
 RETENTION_DAYS = 30  # ... so every one is due
 SAMPLE_SECONDS = 0.02
-
-# --prototype: the shipped outbox.delete_finished with its deletes keyed by `= ANY (ARRAY(SELECT
-# id FROM doomed))` instead of a join with the CTE, applied to the benchmark's own database only
-# (no product file changes). The shipped deletes are planned with LIMIT `batch` unknown (a
-# parameter), for ~33,000 doomed rows: they hash-join the whole attempt and recipient tables
-# and walk the whole message primary key for every batch of 500.
-PROTOTYPE_JOIN = re.compile(r"USING doomed d WHERE (\w+\.\w+) = d\.id")
-
-
-def apply_prototype(url: str) -> None:
-    with connect(url) as conn:
-        row = conn.execute("SELECT pg_get_functiondef('outbox.delete_finished'::regproc)").fetchone()
-        assert row is not None
-        sql, n = PROTOTYPE_JOIN.subn(r"WHERE \1 = ANY (ARRAY(SELECT id FROM doomed))", row[0])
-        if n != 4:
-            raise RuntimeError(f"--prototype: expected 4 deletes joined with `doomed`, found {n}")
-        conn.execute(sql)
-
 
 ACTIVITY_SQL = """
 SELECT pid, xact_start, extract(epoch FROM clock_timestamp() - xact_start), wait_event_type,
@@ -321,9 +302,7 @@ def report(
         ),
     ]
     out = [
-        f"## Retention while delivering: {args.old_rows:,} old finished rows, N={args.n}, runs={args.runs}"
-        + (" (--prototype: delete_finished keyed by = ANY (ARRAY(...)))" if args.prototype else ""),
-        "",
+        f"## Retention while delivering: {args.old_rows:,} old finished rows, N={args.n}, runs={args.runs}",
         f"load average (1/5/15 min): {'; '.join(f'{k} {v}' for k, v in load.items())}",
         f"old rows loaded (messages, attempts, recipient results; triggers off) in {fill_s:.0f} s",
         f"one retention batch (500 messages with their history) timed directly, {len(batches)} in a row:"
@@ -361,11 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="off/on pairs")
     parser.add_argument("--latency-seconds", type=float, default=10, help="each latency run, at 50 msg/s")
     parser.add_argument("--drain-seconds", type=float, default=30, help="the idle drain run (0: skip)")
-    parser.add_argument(
-        "--prototype",
-        action="store_true",
-        help="key delete_finished's deletes by = ANY (ARRAY(...)) in the benchmark's database",
-    )
     parser.add_argument("--pg-admin-url", default=os.environ.get("OUTBOX_BENCH_PG", PG_ADMIN_DEFAULT))
     parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_BENCH_REDIS", REDIS_DEFAULT))
     args = parser.parse_args(argv)
@@ -384,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         lifecycle.fill(url, args.old_rows, mix=FINISHED_MIX, age_days=OLD_AGE_DAYS, recipients=True)
         fill_s = time.monotonic() - t
-        if args.prototype:
-            apply_prototype(url)
         old_max = e2e._max_id(url)
         batches = time_batches(url)
         for k in range(args.runs):

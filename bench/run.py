@@ -88,32 +88,24 @@ ROWS = [
 TABLE_HEADER = "| measurement | result | target | met | notes |"
 
 # Optional extra end-to-end variants (--experiments): product settings changed only through
-# flags, environment or the connector row, and prototypes of product changes applied at run
-# time by bench/patches/sitecustomize.py (no product file is touched), to show what each is worth.
-PATCHES_DIR = str(BENCH_DIR / "patches")
-
-
-def _patched(*names: str, **env: str) -> dict[str, str]:
-    return {"PYTHONPATH": PATCHES_DIR, "OUTBOX_BENCH_PATCHES": ",".join(names), **env}
-
+# flags, environment or the connector row, to show what each is worth.
 
 EXPERIMENTS: list[tuple[str, dict[str, Any]]] = [
     ("OUTBOX_LOG_LEVEL=warning (no per-message log line)", {"extra_env": {"OUTBOX_LOG_LEVEL": "warning"}}),
     ("--threads 32", {"threads": 32}),
     ("OUTBOX_DISPATCH_BATCH=100", {"extra_env": {"OUTBOX_DISPATCH_BATCH": "100"}}),
     ("connector max_connections 8", {"connector_max": 8}),
-    ("prototype: fast_render (bench/patches)", {"extra_env": _patched("fast_render")}),
     (
-        "fast_render + log warning + max_connections 8",
-        {"extra_env": _patched("fast_render", OUTBOX_LOG_LEVEL="warning"), "connector_max": 8},
+        "log warning + max_connections 8",
+        {"extra_env": {"OUTBOX_LOG_LEVEL": "warning"}, "connector_max": 8},
     ),
 ]
 
 
-# Latency at 50 msg/s with a prototype applied (--experiments).
+# Latency at 50 msg/s under settings variants (--experiments).
 LATENCY_EXPERIMENTS: list[tuple[str, dict[str, str]]] = [
     ("latency, default (again, for pairing)", {}),
-    ("latency, prototype: fast_render", _patched("fast_render")),
+    ("latency, OUTBOX_LOG_LEVEL=warning", {"OUTBOX_LOG_LEVEL": "warning"}),
 ]
 
 

@@ -31,8 +31,8 @@ class Config(BaseSettings):
     poll_interval_seconds: float = Field(1.0, gt=0)
     claim_batch: int = Field(500, ge=1, le=10000)
     # Row ids per broker message, at most: one Redis message per email caps throughput, and
-    # each batch costs a claim and an outcome statement (25 -> 100: +35% msg/s in bench/).
-    # Under light load a batch holds what was due, often one row.
+    # each batch costs a claim statement. Under light load a batch holds what was due, often
+    # one row.
     dispatch_batch: int = Field(100, ge=1, le=1000)
     # Rows in flight (dispatched + sending) at most: the poller claims no more while this many
     # are with the broker and the workers, so a backlog never outruns its leases.

@@ -342,7 +342,7 @@ class Delivery:
                 return self._waiting(row, connector, held[0] if held else None, settings, started, outcome)
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
-        connector_problem = is_connector_problem(outcome.phase, outcome.verdicts, False)
+        connector_problem = is_connector_problem(outcome.phase, outcome.verdicts)
         retry_at = connector.backoff_until if connector_problem else None
         if connector_problem and not (connector.backoff_until and connector.backoff_until > started):
             if outcome.rested_after is not None and pool is not None and pool.rest_until is not None:

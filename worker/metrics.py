@@ -33,7 +33,7 @@ STALE_DELIVERIES = Counter(
     "Broker deliveries or results ignored because the lease had moved on",
 )
 
-# Provider limits (issue 18)
+# Provider limits
 RATE_LIMITED = Counter(
     "outbox_rate_limited_total",
     "Messages that met their connector's rate limit: `paced` waited in the worker for a slot "

@@ -27,19 +27,13 @@ from outbox.connections import connect_poller, pg_kwargs, redact_url
 from outbox.core.settings import Settings
 from outbox.store.sql import queries
 from worker import metrics
+from worker.retention import Retention
 
 Q = queries("worker")
 log = logs.get("outbox.poller")
 CHANNEL = "outbox_message"
 # Lease reaping, held-row release and settings reload happen at most this often.
 MAINTENANCE_SECONDS = 1.0
-# Retention (retention-days, audit-retention-days) runs at most once a minute, in batches of
-# RETENTION_BATCH rows (each its own short transaction, rows locked by others skipped), for
-# at most RETENTION_BUDGET_SECONDS per pass so dispatch is never held up; a backlog larger
-# than one pass is worked off pass after pass, once a second.
-RETENTION_SECONDS = 60.0
-RETENTION_BATCH = 500
-RETENTION_BUDGET_SECONDS = 0.25
 # `run --until-idle`: how often to look whether the messages in flight have finished.
 UNTIL_IDLE_CHECK_SECONDS = 0.1
 
@@ -103,7 +97,6 @@ class Poller:
         self._listen: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._maintained_at = -MAINTENANCE_SECONDS
-        self._retention_due = 0.0
         self._settings = Settings()
         self._redis = _Outage(f"Redis at {redact_url(config.redis_url)}")
         self._postgres = _Outage("Postgres")
@@ -157,34 +150,8 @@ class Poller:
                     failed=reaped["failed"],
                 )
         cycle.released = conn.execute(Q["release_held"]).rowcount
-        if time.monotonic() >= self._retention_due:
-            self._retain(conn, settings)
         metrics.refresh_gauges(conn, self.config.metrics_refresh_seconds)
         self._maintained_at = time.monotonic()
-
-    def _retain(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
-        """Delete what the retention settings let go of, a batch at a time, within a budget."""
-        deadline = time.monotonic() + RETENTION_BUDGET_SECONDS
-        unfinished = False
-        for days, query in (
-            (settings.retention_days, "retention_messages"),
-            (settings.audit_retention_days, "retention_history"),
-        ):
-            deleted: dict[str, int] = {}
-            while days:
-                with conn.cursor(row_factory=dict_row) as cur:
-                    row = cur.execute(Q[query], {"days": days, "batch": RETENTION_BATCH}).fetchone() or {}
-                for table, n in row.items():
-                    deleted[table] = deleted.get(table, 0) + n
-                    metrics.RETENTION_DELETED.labels(table).inc(n)
-                if max(row.values(), default=0) < RETENTION_BATCH:
-                    break
-                if time.monotonic() >= deadline:
-                    unfinished = True
-                    break
-            if any(deleted.values()):
-                log.info("retention", days=days, **deleted)
-        self._retention_due = time.monotonic() + (MAINTENANCE_SECONDS if unfinished else RETENTION_SECONDS)
 
     def _dispatch(self, conn: psycopg.Connection[Any], settings: Settings) -> int:
         """Claim one batch and enqueue it; the claim commits only once Redis has it all."""
@@ -236,6 +203,8 @@ class Poller:
         """Poll until `stop` is set (or, with `until_idle`, until nothing is left to move)."""
         self._stop = stop
         log.info("poller started", queue=self.config.queue)
+        retention = Retention(self.config.database_url)  # on its own thread: dispatch never waits
+        retention.start()
         retrying = Retrying(
             stop=_stop_on_event(stop),
             sleep=stop.wait,
@@ -256,6 +225,7 @@ class Poller:
                         return
                     raise
         finally:
+            retention.stop()
             self.close()
             log.info("poller stopped")
 

@@ -361,7 +361,7 @@ class ConnectorPool:
                 )
             finally:
                 await self._settle(client, seat)
-            if is_connector_problem(outcome.phase, outcome.verdicts, False) and self._tripped is None:
+            if is_connector_problem(outcome.phase, outcome.verdicts) and self._tripped is None:
                 self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome

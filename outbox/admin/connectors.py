@@ -437,7 +437,7 @@ def set_enabled(
         conn.execute(Q["set_connector_enabled"], {"id": connector.id, "enabled": enabled})
         released = 0
         if enabled:
-            row = conn.execute(Q["release_held"], {"id": connector.id}).fetchone()
+            row = conn.execute(Q["release_held_for_connector"], {"id": connector.id}).fetchone()
             released = int(row[0]) if row else 0
         _event(
             conn,

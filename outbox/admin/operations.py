@@ -121,7 +121,7 @@ class Plan:
 
 
 @dataclass
-class Result:
+class Applied:
     action: str
     dry_run: bool
     ids: list[int]
@@ -291,11 +291,11 @@ _APPLY = {"replay": "replay_messages", "cancel": "cancel_messages", "send-now": 
 
 def apply(
     conn: psycopg.Connection[Any], plan: Plan, *, actor: str | None = None, dry_run: bool = False
-) -> Result:
+) -> Applied:
     """Carry out a plan: only its rows still eligible now change; audited; wakes the poller
     (replay, send-now). With `dry_run`, reports the plan and changes nothing."""
     selection = plan.selection.describe() | {k: v for k, v in plan.options.items() if v}
-    result = Result(plan.action, dry_run, [], list(plan.skipped), [], selection)
+    result = Applied(plan.action, dry_run, [], list(plan.skipped), [], selection)
     if dry_run:
         result.ids = plan.ids
         result.messages = plan.rows
@@ -368,21 +368,21 @@ def replay(
     force: bool = False,
     actor: str | None = None,
     dry_run: bool = False,
-) -> Result:
+) -> Applied:
     """Requeue finished messages (same Message-ID, fresh retries, history kept, audited)."""
     return apply(conn, plan_replay(conn, sel, force=force), actor=actor, dry_run=dry_run)
 
 
 def cancel(
     conn: psycopg.Connection[Any], sel: Selection, *, actor: str | None = None, dry_run: bool = False
-) -> Result:
+) -> Applied:
     """Cancel messages not sent yet (audited)."""
     return apply(conn, plan_cancel(conn, sel), actor=actor, dry_run=dry_run)
 
 
 def send_now(
     conn: psycopg.Connection[Any], ids: Iterable[int], *, actor: str | None = None, dry_run: bool = False
-) -> Result:
+) -> Applied:
     """Make scheduled messages due at once and wake the poller (audited)."""
     return apply(conn, plan_send_now(conn, ids), actor=actor, dry_run=dry_run)
 

@@ -31,7 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def oauth_options(*, adding: bool) -> Callable[[F], F]:
-    """`--auth` and the `--oauth-*` options of `connector add` and `update` (DESIGN's names)."""
+    """`--auth` and the `--oauth-*` options of `connector add` and `update`."""
     options = [
         click.option(
             "--auth",
@@ -119,7 +119,7 @@ NONE = "none"  # a cap cleared on update
 
 
 def limit_options(*, adding: bool) -> Callable[[F], F]:
-    """The provider limits of `connector add` and `update` (DESIGN's names)."""
+    """The provider limits of `connector add` and `update`."""
     clear = "" if adding else " `none` clears it."
     options = [
         click.option(

@@ -105,7 +105,7 @@ def _config(**flags: Any) -> Config:
 )
 def run(until_idle: bool, **flags: Any) -> None:
     """Poller and workers together, for one machine."""
-    from worker.runner import run_all
+    from worker.supervisor import run_all
 
     config = _config(**flags)
     require_current_schema(config.database_url)
@@ -128,7 +128,7 @@ def poll(**flags: Any) -> None:
 @_worker_options
 def worker_cmd(**flags: Any) -> None:
     """Only workers: consume the broker queue and send mail."""
-    from worker.runner import run_all_workers
+    from worker.supervisor import run_all_workers
 
     config = _config(**flags)
     require_current_schema(config.database_url)

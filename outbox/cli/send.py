@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,30 @@ def _parse_headers(values: Iterable[str]) -> dict[str, str]:
             raise ValidationError(f"--header {h!r} must look like 'Name: value'")
         headers[name.strip()] = value.strip()
     return headers
+
+
+# `outbox.enqueue`'s argument names as `send`'s flags, for its error messages.
+_FLAGS = {
+    "from": "--from",
+    "from_name": "--from-name",
+    "to": "--to",
+    "cc": "--cc",
+    "bcc": "--bcc",
+    "reply_to": "--reply-to",
+    "subject": "--subject",
+    "importance": "--importance",
+    "idempotency_key": "--idempotency-key",
+    "reference": "--reference",
+    "send_after": "--send-at",
+}
+_NAMED = re.compile(
+    r"\b(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b(?=[:=;,)]| must| is| or| looks)"
+)
+
+
+def _as_flags(message: str) -> str:
+    """Name what the user typed: `to: invalid address …` becomes `--to: invalid address …`."""
+    return _NAMED.sub(lambda m: _FLAGS[m.group(1)], message).replace("--importance=", "--importance")
 
 
 @cli.command("send")
@@ -83,16 +108,19 @@ def send(
     """Enqueue one message; print its id."""
     if fields["text"] is None and fields["html"] is None:
         raise ValidationError("give --text or --html")
-    new = enqueue_routed(
-        conn,
-        to=list(to),
-        cc=list(cc),
-        bcc=list(bcc),
-        attachments=[Attachment.from_path(p) for p in attach],
-        headers=_parse_headers(headers),
-        send_after=_parse_when(send_at),
-        **fields,
-    )
+    try:
+        new = enqueue_routed(
+            conn,
+            to=list(to),
+            cc=list(cc),
+            bcc=list(bcc),
+            attachments=[Attachment.from_path(p) for p in attach],
+            headers=_parse_headers(headers),
+            send_after=_parse_when(send_at),
+            **fields,
+        )
+    except ValidationError as exc:
+        raise ValidationError(_as_flags(str(exc))) from None
     conn.commit()
     if not new.routable:
         click.echo(

@@ -94,11 +94,9 @@ def is_throttling(code: int | None, reply: str | None) -> bool:
     return bool(_THROTTLE_STATUS.match(reply) or _THROTTLE_WORDS.search(reply))
 
 
-def is_connector_problem(phase: str, verdicts: Mapping[str, Verdict], config_error: bool) -> bool:
-    """Failures before MAIL (token, connect, greeting, TLS, AUTH) or a broken configuration are the
-    connector's, not the message's: they must not spend every queued message's attempts."""
-    if config_error:
-        return True
+def is_connector_problem(phase: str, verdicts: Mapping[str, Verdict]) -> bool:
+    """Failures before MAIL (token, connect, greeting, TLS, AUTH) are the connector's, not the
+    message's: they must not spend every queued message's attempts."""
     return (
         phase in CONNECTOR_PHASES
         and bool(verdicts)

@@ -1,6 +1,7 @@
 """Connector resolution: which connector sends a message, from its From address.
 
-The rules come from Enate's outbound-email behaviour (see DESIGN.md):
+The rules follow the outbound-email behaviour of Enate, the case-management product whose
+connector model outbox-worker adopts (README, "Connectors"):
 1. the From address matches, case-insensitively, the primary address or an alias of an
    `outgoing`/`both` connector (`incoming` connectors never send);
 2. a match on an enabled connector sends through it; a match on a disabled one holds the
@@ -52,7 +53,7 @@ class Connector:
     oauth_tenant: str | None = None
     oauth_token_url: str | None = None
     oauth_scopes: tuple[str, ...] = ()
-    # Provider limits (issue 18): canonical `N/unit` strings, and caps per transaction/session
+    # Provider limits: canonical `N/unit` strings, and caps per transaction/session
     rate_limits: tuple[str, ...] = ()
     max_recipients: int | None = None
     max_messages_per_connection: int | None = None

@@ -176,7 +176,7 @@ def _is_current_unversioned(conn: psycopg.Connection[Any]) -> bool:
 
 
 @dataclass(frozen=True)
-class Result:
+class Migrated:
     before: State
     after: int
     adopted: bool  # an unversioned database recorded as version 1 without running 0001
@@ -200,7 +200,7 @@ class Result:
         return "\n".join(lines)
 
 
-def migrate(conn: psycopg.Connection[Any]) -> Result:
+def migrate(conn: psycopg.Connection[Any]) -> Migrated:
     """Apply the pending migrations, each on its own, under an advisory lock (two migrators
     wait for each other). `conn` must be in autocommit mode."""
     if not conn.autocommit:
@@ -224,7 +224,7 @@ def migrate(conn: psycopg.Connection[Any]) -> Result:
             _apply(conn, migration)
             applied.append(migration)
             done = migration.version
-        return Result(before=before, after=done, adopted=adopted, applied=tuple(applied))
+        return Migrated(before=before, after=done, adopted=adopted, applied=tuple(applied))
     finally:
         conn.execute(_UNLOCK)
 

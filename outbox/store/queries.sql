@@ -100,7 +100,7 @@ UPDATE outbox.connector SET oauth_client_secret_enc = %(secret_enc)s, updated_at
 UPDATE outbox.connector SET enabled = %(enabled)s, updated_at = now()
  WHERE id = %(id)s;
 
--- release_held --
+-- release_held_for_connector --
 -- Messages held for a connector go back to the queue when it is enabled.
 WITH released AS (
     UPDATE outbox.message

@@ -28,7 +28,13 @@ def send(env, *args):
     ("args", "code", "says"),
     [
         # 2: a bad value or a usage mistake; nothing is written
-        (("send", "--from", "nobody", "--to", "x@example.org", "--subject", "s", "--text", "t"), 2, "from"),
+        # errors name the flags the user typed, not the columns behind them
+        (
+            ("send", "--from", "nobody", "--to", "x@example.org", "--subject", "s", "--text", "t"),
+            2,
+            "--from: ",
+        ),
+        (("send", "--from", "a@example.com", "--subject", "s", "--text", "t"), 2, "(--to, --cc or --bcc)"),
         (("settings", "set", "max-attempts", "0"), 2, "max-attempts"),
         (("settings", "set", "colour", "blue"), 2, "KEY"),
         (("connector", "add", "bad", "--address", "a@example.com", "--port", "99999"), 2, "--port"),

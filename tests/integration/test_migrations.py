@@ -98,7 +98,7 @@ def contents(url: str) -> dict[str, list[dict[str, Any]]]:
         return {t: cur.execute(f"SELECT * FROM outbox.{t} ORDER BY 1, 2").fetchall() for t in tables}
 
 
-# Values a migration changes on purpose: 0008 makes `max_connections` a cap across workers
+# Values a migration changes on purpose: 0009 makes `max_connections` a cap across workers
 # and turns the old per-process default 4 into NULL (no cap: the same behaviour as before).
 MEANT = {("connector", "max_connections"): {4: None}}
 

@@ -4,6 +4,7 @@ older than `audit-retention-days`, a batch at a time, while fresh mail goes out.
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -101,36 +102,68 @@ def test_retention_deletes_exactly_the_old_finished_rows_while_fresh_mail_goes_o
 
 
 def test_retention_works_a_backlog_off_in_batches(db, config, monkeypatch):
-    from worker import poller as poller_module
+    from worker import retention as retention_module
 
-    monkeypatch.setattr(poller_module, "RETENTION_BATCH", 50)
-    monkeypatch.setattr(poller_module, "RETENTION_BUDGET_SECONDS", 0.0)  # one batch per pass
+    monkeypatch.setattr(retention_module, "RETENTION_BATCH", 50)
     db.execute(
         "INSERT INTO outbox.message (from_addr, to_addrs, text_body, status, updated_at)"
         " SELECT 'a@example.com', '{b@example.org}', 't', 'sent', now() - interval '9 days'"
         "   FROM generate_series(1, 120)"
     )
     db.execute("UPDATE outbox.settings SET retention_days = 7")
+    retention = retention_module.Retention(config.database_url)
+    left, more = [], []
+    with psycopg.connect(config.database_url, autocommit=True) as conn:
+        while not left or left[-1]:
+            more.append(retention.batch(conn))
+            left.append(db.execute("SELECT count(*) FROM outbox.message").fetchone()[0])
+    assert left == [70, 20, 0]  # one batch of 50 at a time
+    assert more == [True, True, False]  # a full batch says more is waiting
 
-    class Idle:
+
+def test_retention_runs_beside_dispatch_and_stops_with_the_poller(db, config):
+    """The poller's thread dispatches while retention works on its own connection: a batch in
+    progress (held here by a lock) delays no dispatch."""
+    from worker.poller import Poller
+
+    db.execute(
+        "INSERT INTO outbox.message (from_addr, to_addrs, text_body, status, updated_at)"
+        " SELECT 'a@example.com', '{b@example.org}', 't', 'sent', now() - interval '9 days'"
+        "   FROM generate_series(1, 10)"
+    )
+    db.execute("UPDATE outbox.settings SET retention_days = 7")
+    sent: list[list[Any]] = []
+
+    class Recording:
         def send(self, chunk: list[Any]) -> None:
-            raise AssertionError("nothing is due")
+            sent.append(chunk)
 
-    poller = poller_module.Poller(config, Idle())  # type: ignore[arg-type]
-    seen: list[int] = []
-
-    def one_pass() -> None:
-        poller._maintained_at = -1.0  # maintain on every call, as once a second
-        poller.run_once()
-        left = db.execute("SELECT count(*) FROM outbox.message").fetchone()[0]
-        if not seen or seen[-1] != left:
-            seen.append(left)
-
-    try:
-        wait_until(lambda: seen and seen[-1] == 0, timeout=30, step=one_pass, what="backlog deleted")
-    finally:
-        poller.close()
-    assert seen == [70, 20, 0]  # one batch of 50 per pass, the next pass a second later
+    with psycopg.connect(config.database_url) as blocker:
+        # retention's DELETE of outbox.message waits for this lock; dispatch must not
+        blocker.execute("LOCK TABLE outbox.attachment IN EXCLUSIVE MODE")
+        stop = threading.Event()
+        poller = Poller(config, Recording())  # type: ignore[arg-type]
+        thread = threading.Thread(target=poller.run, args=(stop,))
+        thread.start()
+        try:
+            wait_until(
+                lambda: db.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%delete_finished%'"
+                ).fetchone()[0],
+                what="retention to wait on the lock",
+            )
+            fresh = db.execute(
+                "INSERT INTO outbox.message (from_addr, to_addrs, text_body) "
+                "VALUES ('a@example.com', '{b@example.org}', 't') RETURNING id"
+            ).fetchone()[0]
+            wait_until(lambda: any(fresh == row[0] for chunk in sent for row in chunk), what="dispatch")
+        finally:
+            blocker.rollback()
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert db.execute("SELECT count(*) FROM outbox.message WHERE status = 'sent'").fetchone()[0] == 0
 
 
 def test_retention_is_off_by_default(db, config):

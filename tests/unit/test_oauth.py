@@ -25,4 +25,4 @@ def test_basic_auth_refusals(reply, wants_oauth):
 @pytest.mark.parametrize("code", [None, 400, 401, 535])
 def test_a_token_step_failure_is_the_connectors_problem(code):
     assert classify("token", code) is Verdict.TRANSIENT
-    assert is_connector_problem("token", {"a@example.org": Verdict.TRANSIENT}, False)
+    assert is_connector_problem("token", {"a@example.org": Verdict.TRANSIENT})

@@ -1,4 +1,4 @@
--- 0008_max_connections_across_workers: `--max-connections N` becomes what DESIGN.md says, the
+-- 0009_max_connections_across_workers: `--max-connections N` becomes what DESIGN.md says, the
 -- most concurrent SMTP sessions to a connector across all worker processes and hosts (held by
 -- the workers through Redis), and `none` clears it: max_connections may be NULL and is NULL
 -- by default. Each worker process still keeps up to 4 sessions of its own to a connector
