@@ -29,7 +29,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (6, 'worker_connector_events'),
     (7, 'provider_limits'),
     (8, 'faster_retention'),
-    (9, 'implied_history')
+    (9, 'implied_history'),
+    (10, 'max_connections_across_workers')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -907,3 +908,19 @@ SELECT m.id, x.addr, 'sent'::text, m.last_smtp_code, m.last_smtp_reply, m.sent_a
  WHERE m.status = 'sent'
    AND NOT EXISTS (SELECT FROM outbox.recipient r WHERE r.message_id = m.id);
 
+-- Max connections across workers (migration 0010) ----------------------------------------
+-- max_connections: the most concurrent SMTP sessions to the connector across all worker
+-- processes and hosts (NULL: no cap; each worker process keeps up to 4 of its own).
+ALTER TABLE outbox.connector ALTER COLUMN max_connections DROP NOT NULL;
+ALTER TABLE outbox.connector ALTER COLUMN max_connections SET DEFAULT NULL;
+-- Adaptive slow-down after throttling replies: the spacing between sends the workers slowed
+-- the connector to, and when (it halves every 30 s after that).
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS throttle_interval_seconds double precision;
+ALTER TABLE outbox.connector ADD COLUMN IF NOT EXISTS throttled_at timestamptz;
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'outbox_worker') THEN
+        GRANT UPDATE (throttle_interval_seconds, throttled_at) ON outbox.connector TO outbox_worker;
+    END IF;
+END
+$$;

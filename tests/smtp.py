@@ -17,7 +17,7 @@ from email.message import Message
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 def free_port() -> int:
@@ -86,6 +86,14 @@ class Recorder:
     on_keep: Callable[[int], None] | None = None
     # time.monotonic() when each kept message arrived (its final dot), in order
     arrival_times: list[float] = field(default_factory=list)
+    # TCP connections open now, and the most ever open at once (`--max-connections`)
+    connections: int = 0
+    most_connections: int = 0
+
+    def connected(self, delta: int) -> None:
+        with self.arrived:
+            self.connections += delta
+            self.most_connections = max(self.most_connections, self.connections)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -190,6 +198,23 @@ class Authenticator:
         return AuthResult(success=False, handled=False)
 
 
+class CountingSMTP(SMTP):
+    """aiosmtpd's server, telling the recorder when a connection opens and closes."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.event_handler.connected(1)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.connected(-1)
+        super().connection_lost(error)
+
+
+class CountingController(Controller):
+    def factory(self) -> SMTP:
+        return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+
 @dataclass
 class Server:
     controller: Controller
@@ -233,6 +258,6 @@ def start_server(
         smtp_params["auth_require_tls"] = mode != "tls"
     else:
         smtp_params["auth_require_tls"] = False
-    controller = Controller(recorder, **kwargs, **smtp_params)
+    controller = CountingController(recorder, **kwargs, **smtp_params)
     controller.start()
     return Server(controller, recorder, port, auth)

@@ -27,6 +27,7 @@ from tenacity import (
 from outbox import logs
 from outbox.config import Config
 from outbox.connections import pg_kwargs
+from outbox.core import limits
 from outbox.core.errors import ValidationError
 from outbox.core.message import Attachment, build, check_envelope, check_row, render
 from outbox.core.policy import (
@@ -44,7 +45,7 @@ from outbox.store.sql import queries
 from worker import metrics
 from worker.completer import Completer, finish_params
 from worker.leases import Flight, Leases
-from worker.limiter import Limiter, Slot
+from worker.limiter import Limiter, Seats, Slot
 from worker.transport import ConnectorPool, Outcome, Transport
 
 Q = queries("worker")
@@ -58,6 +59,11 @@ CONFIG_TTL_SECONDS = 1.0
 # A message whose connector's rate limit has a slot this close waits for it in its own
 # coroutine (holding its row); a later slot sends it back to the queue until then.
 LIMIT_WAIT_SECONDS = 2.0
+# A message that found every session of its connector's `--max-connections` taken (by other
+# workers) for that long is due again this soon.
+SEAT_RETRY_SECONDS = 1.0
+# A wait for a rate-limit slot longer than this is the limit binding (counted and shown).
+PACED_SECONDS = 0.001
 
 
 def limit_wait_seconds(settings: Settings) -> float:
@@ -132,14 +138,15 @@ class Delivery:
     def __init__(self, config: Config, pool: psycopg_pool.AsyncConnectionPool) -> None:
         self.config = config
         self.pool = pool
-        self.transport = Transport(local_hostname=config.local_hostname)
         self.completer = Completer(self._write)
         self.leases = Leases(self._renew)
         self.limiter = Limiter(config.redis_url, config.redis_namespace)
+        self.transport = Transport(local_hostname=config.local_hostname, seats=Seats(self.limiter))
         self._loaded_at = -CONFIG_TTL_SECONDS
         self._version: tuple[Any, ...] | None = None
         self._settings = Settings()
         self._connectors: list[Connector] = []
+        self._by_id: dict[int, Connector] = {}
         self._writer_conn: psycopg.AsyncConnection[Any] | None = None
 
     @classmethod
@@ -209,6 +216,8 @@ class Delivery:
             self._connectors = [
                 Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
             ]
+            self._by_id = {c.id: c for c in self._connectors}
+            metrics.show_limits(self._connectors)
             self._loaded_at, self._version = started, version
         return self._settings, self._connectors
 
@@ -326,12 +335,11 @@ class Delivery:
                 bytes(content),
                 before_data=lambda: self._before_data(row, flight, settings),
                 on_phase=flight.set_phase,
-                admit=(lambda: self._admit(connector, flight, settings, held))
-                if connector.rate_limits
-                else None,
+                admit=lambda: self._admit(connector, flight, settings, held),
+                seat_wait=limit_wait_seconds(settings),
             )
             if outcome.not_admitted:
-                return self._waiting(row, connector, held[0], settings, started)
+                return self._waiting(row, connector, held[0] if held else None, settings, started, outcome)
         else:  # every recipient was settled by earlier attempts
             outcome = Outcome(phase="rcpt")
         connector_problem = is_connector_problem(outcome.phase, outcome.verdicts)
@@ -347,6 +355,7 @@ class Delivery:
         slow_down = throttled(outcome)
         if slow_down:
             metrics.THROTTLED.labels(connector.name).inc()
+            await self._throttled(connector, outcome)
         decision = decide(
             verdicts=outcome.verdicts,
             settled=settled,
@@ -408,40 +417,91 @@ class Delivery:
         self._loaded_at = -CONFIG_TTL_SECONDS
         log.info("connector recovered", connector=connector.name)
 
+    async def _throttled(self, connector: Connector, outcome: Outcome) -> None:
+        """A throttling reply: slow the connector down for every worker (its spacing between
+        sends doubles, then recovers by half every 30 s: outbox/limits.py), once per reaction
+        time however many messages report it."""
+        rates = limits.parse_rates(connector.rate_limits)
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(
+                    Q["connector_throttled"],
+                    {
+                        "id": connector.id,
+                        "first": limits.first_slowdown(rates),
+                        "max": limits.THROTTLE_MAX_INTERVAL,
+                        "half_life": limits.THROTTLE_HALF_LIFE_SECONDS,
+                        "reply": outcome.summary[:500],
+                    },
+                )
+                row = await cur.fetchone()
+        except psycopg.Error as exc:  # the message's own outcome matters more: carry on
+            log.warning("could not record a throttling slow-down", connector=connector.name, error=str(exc))
+            return
+        if row is not None:
+            self.limiter.slowed_here(connector, row[0])  # this process slows down at once
+            self._loaded_at = -CONFIG_TTL_SECONDS
+            log.warning(
+                "connector throttling; slowing down",
+                connector=connector.name,
+                rate=limits.per_second(row[0]),
+                reply=outcome.summary,
+            )
+
     async def _admit(
         self, connector: Connector, flight: Flight, settings: Settings, held: list[Slot]
     ) -> bool:
         """The connector's rate limits, asked just before MAIL: a slot moments away is waited
-        for here (this message's coroutine only); a later one refuses (kept in `held`)."""
+        for here (this message's coroutine only); a later one refuses (kept in `held`). The
+        connector as last read (a slow-down recorded since its batch was claimed applies)."""
+        connector = self._by_id.get(connector.id, connector)
         slot = await self.limiter.reserve(connector, max_wait_seconds=limit_wait_seconds(settings))
         if not slot.taken:
             held.append(slot)
             return False
-        if slot.wait_seconds > 0:
+        if slot.wait_seconds > PACED_SECONDS:
             flight.set_phase("waiting")
             metrics.RATE_LIMITED.labels(connector.name, "paced").inc()
+            waiting = metrics.RATE_LIMIT_WAITING.labels(connector.name)
+            waiting.inc()
+            try:
+                await asyncio.sleep(slot.wait_seconds)
+            finally:
+                waiting.dec()
+        elif slot.wait_seconds > 0:  # a slot of a batch, moments away: no limit binds
             await asyncio.sleep(slot.wait_seconds)
         return True
 
     @staticmethod
     def _waiting(
-        row: dict[str, Any], connector: Connector, slot: Slot, settings: Settings, started: datetime
+        row: dict[str, Any],
+        connector: Connector,
+        slot: Slot | None,
+        settings: Settings,
+        started: datetime,
+        outcome: Outcome,
     ) -> Result:
-        """Back to the queue until the connector's rate limit has room: no attempt spent, due
-        a little before the window opens (so the next ones are waiting in the worker when it
-        does), the limit and the time on the row."""
+        """Back to the queue until the connector's rate limit has room (`slot`: due a little
+        before the window opens, so the next ones are waiting in the worker when it does), or
+        until a session is likely to be free (`--max-connections` across workers: due in
+        SEAT_RETRY_SECONDS): no attempt spent, what it waits for and until when on the row."""
         now = datetime.now(UTC)
-        until = now + timedelta(seconds=slot.wait_seconds)
-        due = until - timedelta(seconds=limit_wait_seconds(settings) / 2)
+        if slot is not None:
+            until = now + timedelta(seconds=slot.wait_seconds)
+            due = until - timedelta(seconds=limit_wait_seconds(settings) / 2)
+            what, kind = slot.waits_for, "deferred"
+        else:
+            until = due = now + timedelta(seconds=SEAT_RETRY_SECONDS)
+            what, kind = outcome.waiting_for or "a connection", "no-connection"
         decision = waiting(
             attempts=row["attempts"],
             created_at=row["round_started_at"],
             now=now,
             settings=settings,
             until=max(now, due),
-            reason=f"waiting for rate limit {slot.binding} until {until.isoformat(timespec='seconds')}",
+            reason=f"waiting for {what} until {until.isoformat(timespec='seconds')}",
         )
-        metrics.RATE_LIMITED.labels(connector.name, "deferred").inc()
+        metrics.RATE_LIMITED.labels(connector.name, kind).inc()
         return _decided(row, connector, "waiting", decision, started, {})
 
     @staticmethod

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from outbox import logs
+from outbox.core import limits
 from outbox.core.statuses import STATUSES
 from outbox.store.sql import queries
 
@@ -34,13 +37,31 @@ STALE_DELIVERIES = Counter(
 RATE_LIMITED = Counter(
     "outbox_rate_limited_total",
     "Messages that met their connector's rate limit: `paced` waited in the worker for a slot "
-    "moments away, `deferred` went back to the queue until the window opens",
+    "moments away, `deferred` went back to the queue until the window opens, `no-connection` went "
+    "back because every session of its --max-connections was taken by other workers",
     ["connector", "outcome"],
 )
 THROTTLED = Counter(
     "outbox_throttled_total",
     "Attempts a server refused to slow us down (421/450/451/454 4.7.x, 452 4.5.3, 'throttling'): "
     "retried without spending an attempt",
+    ["connector"],
+)
+RATE_LIMIT_WAITING = Gauge(
+    "outbox_rate_limit_waiting",
+    "Messages waiting in this worker process for their connector's rate-limit slot (paced)",
+    ["connector"],
+)
+RATE_LIMIT = Gauge(
+    "outbox_rate_limit_per_second",
+    "Each connector's rate limits as messages a second (`limit`: as configured, e.g. 30/min; "
+    "`slowed`: the adaptive slow-down after throttling replies, while it lasts)",
+    ["connector", "limit"],
+)
+SESSIONS = Gauge(
+    "outbox_connector_sessions",
+    "SMTP sessions this worker process holds open to each connector (against --max-connections, "
+    "a cap across all workers)",
     ["connector"],
 )
 LIMITER_ERRORS = Counter(
@@ -102,3 +123,26 @@ def refresh_gauges(conn: psycopg.Connection[Any], every: float = 10.0) -> None:
     for status, n in counts.items():
         MESSAGES.labels(status).set(n)
     QUEUE_LAG.set(lag)
+
+
+_limits_shown: set[tuple[str, str]] = set()
+
+
+def show_limits(connectors: Iterable[Any]) -> None:
+    """The rate-limit gauges for these connectors (after each configuration read): their
+    limits a second, and a throttling slow-down while it lasts; series of limits gone removed."""
+    now = datetime.now(UTC)
+    shown: set[tuple[str, str]] = set()
+    for c in connectors:
+        rates = limits.parse_rates(c.rate_limits)
+        for r in rates:
+            shown.add((c.name, str(r)))
+            RATE_LIMIT.labels(c.name, str(r)).set(r.count / r.seconds)
+        slowed = limits.slowdown(c.throttle_interval_seconds, c.throttled_at, rates, now)
+        if slowed is not None:
+            shown.add((c.name, "slowed"))
+            RATE_LIMIT.labels(c.name, "slowed").set(1 / slowed)
+    for gone in _limits_shown - shown:
+        RATE_LIMIT.remove(*gone)
+    _limits_shown.clear()
+    _limits_shown.update(shown)

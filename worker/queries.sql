@@ -283,3 +283,29 @@ SELECT messages, attempts, recipients, attachments
 -- Retention (audit-retention-days): one batch of connector activity and operator audit rows.
 SELECT connector_events, audits
   FROM outbox.delete_old_history(now() - make_interval(days => %(days)s), %(batch)s);
+
+-- connector_throttled --
+-- A throttling reply: slow the connector down (the spacing between sends doubles, from
+-- %(first)s, at most %(max)s seconds), once per reaction time (its current spacing, at least a
+-- second) however many replies say so at once, and say so in its activity history. The
+-- current spacing decays by half every %(half_life)s seconds (outbox/limits.py `slowdown`).
+WITH current AS (
+    SELECT id, CASE WHEN throttled_at IS NULL OR throttle_interval_seconds IS NULL THEN 0
+                    ELSE throttle_interval_seconds * power(0.5,
+                         extract(epoch FROM now() - throttled_at) / %(half_life)s::float8) END AS spacing
+      FROM outbox.connector WHERE id = %(id)s::bigint),
+stepped AS (
+    UPDATE outbox.connector c
+       SET throttle_interval_seconds = least(%(max)s::float8, greatest(%(first)s::float8, 2 * current.spacing)),
+           throttled_at = now()
+      FROM current
+     WHERE c.id = current.id
+       AND (c.throttled_at IS NULL
+            OR c.throttled_at <= now() - make_interval(secs => greatest(1, current.spacing)))
+    RETURNING c.id, c.name, c.throttle_interval_seconds),
+event AS (
+    INSERT INTO outbox.connector_event (connector_id, connector_name, action, actor, detail)
+    SELECT id, name, 'slowed down', 'worker',
+           jsonb_build_object('reply', %(reply)s::text, 'interval_seconds', throttle_interval_seconds)
+      FROM stepped)
+SELECT throttle_interval_seconds FROM stepped;

@@ -31,11 +31,20 @@ from outbox.core.errors import ConfigurationError
 from outbox.core.policy import Verdict, classify, is_connector_problem
 from outbox.core.resolve import Connector
 from outbox.store.secrets import password_for
+from worker import metrics
+from worker.limiter import SESSION_LEASE_SECONDS, Seats
 from worker.oauth import TokenSource, basic_auth_refused, oauth_hint
 from worker.replies import Replies
 
 # While a large message's upload drains, how often to look at its progress.
 UPLOAD_POLL_SECONDS = 0.05
+# Sessions one worker process keeps to a connector without `--max-connections`.
+SESSIONS_PER_PROCESS = 4
+# A connector with `--max-connections`: an idle session is closed after this, giving its seat
+# back to the other workers; and once no seat freed in time, messages that would need a new
+# session go back to the queue at once for this long (no other one waits it out again).
+IDLE_SECONDS = 1.0
+NO_SEAT_SECONDS = 0.5
 
 
 class TLSRequiredError(aiosmtplib.SMTPException):
@@ -55,8 +64,10 @@ class Outcome:
     seconds: float = 0.0
     # Not tried: the connector was resting after this failure of an earlier message.
     rested_after: str | None = None
-    # Not sent: `admit` refused it (its connector's rate limit has no slot soon enough).
+    # Not sent: `admit` refused it (its connector's rate limit has no slot soon enough), or
+    # no session could be had (`--max-connections` across workers: `waiting_for` says so).
     not_admitted: bool = False
+    waiting_for: str | None = None
 
     @property
     def summary(self) -> str:
@@ -164,7 +175,9 @@ def _describe(exc: BaseException) -> str:
 
 
 class ConnectorPool:
-    """Up to `max_connections` SMTP sessions to one connector, kept open between messages.
+    """SMTP sessions to one connector, kept open between messages: up to `max_connections`
+    across all workers (each session holds a seat on Redis, `worker.limiter.Seats`; idle ones
+    give theirs back after IDLE_SECONDS), or up to SESSIONS_PER_PROCESS in this process.
 
     The first failure to reach, greet, secure or log in to the connector puts the pool at
     rest: messages still queued for a session return at once with the same problem instead
@@ -173,13 +186,27 @@ class ConnectorPool:
     """
 
     def __init__(
-        self, connector: Connector, *, local_hostname: str, timeout: float, dot_timeout: float = 600.0
+        self,
+        connector: Connector,
+        *,
+        local_hostname: str,
+        timeout: float,
+        dot_timeout: float = 600.0,
+        seats: Seats | None = None,
     ) -> None:
         self.connector = connector
         self.local_hostname = local_hostname
         self.timeout = timeout
         self.dot_timeout = dot_timeout
-        self._slots = asyncio.Semaphore(connector.max_connections)
+        self.cap = connector.max_connections
+        self._slots = asyncio.Semaphore(self.cap or SESSIONS_PER_PROCESS)
+        self._seats = seats if self.cap is not None else None
+        self._seat_of: dict[int, str] = {}  # seat of each idle session (id of its client)
+        self._idle_since: dict[int, float] = {}
+        self._held: set[str] = set()  # seats of every session open now, idle or busy
+        self._lost: set[str] = set()  # seats whose lease ran out: their sessions close
+        self._no_seat_until = 0.0
+        self._keeper: asyncio.Task[None] | None = None
         self._idle: list[SMTP] = []
         self._used: dict[int, int] = {}  # transactions per open session (id of its client)
         self._ctx: ssl.SSLContext | None = None
@@ -303,6 +330,7 @@ class ConnectorPool:
         before_data: Callable[[], Awaitable[bool]] | None = None,
         on_phase: Callable[[str], None] | None = None,
         admit: Callable[[], Awaitable[bool]] | None = None,
+        seat_wait: float = 2.0,
     ) -> Outcome:
         """Send one message to `recipients`; never raises for SMTP or network trouble.
         `on_phase` hears each phase as it starts ("waiting" while queued for a session).
@@ -326,46 +354,128 @@ class ConnectorPool:
                 outcome.seconds = time.monotonic() - started
                 return outcome
             client = self._idle.pop() if self._idle else None
-            current, done = list(recipients), 0
-            for reused in (client is not None, False):
-                try:
-                    if client is None or not client.is_connected:
-                        client = await self.open(phase)
-                        self._used.pop(id(client), None)  # a new session: none used yet
-                    if admit is not None:
-                        admitted, admit = await admit(), None  # asked once per message
-                        if not admitted:
-                            outcome.not_admitted = True
-                            break
-                    # --max-recipients: one transaction per group of recipients, same content
-                    for i, group in enumerate(self._groups(recipients)):
-                        done, current = i, group  # groups finished before this one
-                        async with ReplyTimer(self.timeout) as timer:
-                            await self._transaction(
-                                client, sender, group, content, outcome, phase, timer, before_data
-                            )
-                except Exception as exc:  # network, TLS, protocol: recorded, never raised
-                    self._fail(outcome, exc, current)  # earlier groups keep their verdicts
-                    for r in recipients[recipients.index(current[-1]) + 1 :]:
-                        outcome.verdicts.setdefault(r, Verdict.TRANSIENT)  # groups not reached
-                        outcome.replies.setdefault(r, (outcome.code, outcome.reply or outcome.error))
-                    if client is not None:
-                        client.close()
-                    client = None
-                    if reused and not done and outcome.phase == "mail" and outcome.code in (None, 421):
-                        # A pooled session the server had dropped: nothing was sent yet.
-                        outcome = Outcome()
-                        continue
-                break
-            if client is not None and client.is_connected:
-                if self._spent(client):  # --max-messages-per-connection: a fresh session next
-                    await self._quit(client)
-                else:
-                    self._idle.append(client)
+            seat = self._seat_of.pop(id(client), None) if client is not None else None
+            try:
+                client, seat = await self._send(
+                    client, seat, sender, recipients, content, outcome, phase, before_data, admit, seat_wait
+                )
+            finally:
+                await self._settle(client, seat)
             if is_connector_problem(outcome.phase, outcome.verdicts) and self._tripped is None:
                 self._tripped = outcome.summary
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    async def _send(
+        self,
+        client: SMTP | None,
+        seat: str | None,
+        sender: str,
+        recipients: Sequence[str],
+        content: bytes,
+        outcome: Outcome,
+        phase: Callable[[str], None],
+        before_data: Callable[[], Awaitable[bool]] | None,
+        admit: Callable[[], Awaitable[bool]] | None,
+        seat_wait: float,
+    ) -> tuple[SMTP | None, str | None]:
+        """The body of `send` with a session slot held: returns the session (None when it was
+        closed) and its seat, for `_settle`."""
+        current, done = list(recipients), 0
+        for reused in (client is not None, False):
+            try:
+                if client is None or not client.is_connected:
+                    if seat is None and self._seats is not None:
+                        seat = await self._take_seat(seat_wait)
+                        if seat is None:
+                            outcome.not_admitted = True
+                            outcome.waiting_for = f"a connection (max-connections {self.cap})"
+                            break
+                    client = await self.open(phase)
+                    self._used.pop(id(client), None)  # a new session: none used yet
+                if admit is not None:
+                    admitted, admit = await admit(), None  # asked once per message
+                    if not admitted:
+                        outcome.not_admitted = True
+                        break
+                # --max-recipients: one transaction per group of recipients, same content
+                for i, group in enumerate(self._groups(recipients)):
+                    done, current = i, group  # groups finished before this one
+                    async with ReplyTimer(self.timeout) as timer:
+                        await self._transaction(
+                            client, sender, group, content, outcome, phase, timer, before_data
+                        )
+            except Exception as exc:  # network, TLS, protocol: recorded, never raised
+                self._fail(outcome, exc, current)  # earlier groups keep their verdicts
+                for r in recipients[recipients.index(current[-1]) + 1 :]:
+                    outcome.verdicts.setdefault(r, Verdict.TRANSIENT)  # groups not reached
+                    outcome.replies.setdefault(r, (outcome.code, outcome.reply or outcome.error))
+                if client is not None:
+                    client.close()
+                client = None
+                if reused and not done and outcome.phase == "mail" and outcome.code in (None, 421):
+                    # A pooled session the server had dropped: nothing was sent yet.
+                    outcome.__dict__.update(Outcome().__dict__)
+                    continue
+            break
+        return client, seat
+
+    async def _settle(self, client: SMTP | None, seat: str | None) -> None:
+        """After a message: its session back to the idle ones (with its seat), or closed and
+        its seat given back."""
+        if client is not None and client.is_connected:
+            if self._spent(client) or (seat is not None and seat in self._lost):
+                await self._quit(client)  # --max-messages-per-connection: a fresh session next
+            else:
+                self._idle.append(client)
+                if seat is not None:
+                    self._seat_of[id(client)] = seat
+                    self._idle_since[id(client)] = time.monotonic()
+                return
+        if seat is not None:
+            await self._give_back(seat)
+
+    async def _take_seat(self, wait: float) -> str | None:
+        """A seat for a new session across all workers, or None (none freed within `wait`;
+        then the messages behind this one go back to the queue at once for NO_SEAT_SECONDS)."""
+        assert self._seats is not None and self.cap is not None
+        if time.monotonic() < self._no_seat_until:
+            return None
+        seat = await self._seats.take(self.connector, self.cap, max_wait_seconds=wait)
+        if seat is None:
+            self._no_seat_until = time.monotonic() + NO_SEAT_SECONDS
+            return None
+        self._held.add(seat)
+        metrics.SESSIONS.labels(self.connector.name).set(len(self._held))
+        if self._keeper is None:
+            self._keeper = asyncio.ensure_future(self._keep())
+        return seat
+
+    async def _give_back(self, seat: str) -> None:
+        self._held.discard(seat)
+        self._lost.discard(seat)
+        metrics.SESSIONS.labels(self.connector.name).set(len(self._held))
+        if self._seats is not None:
+            await self._seats.give_back(self.connector, seat)
+
+    async def _keep(self) -> None:
+        """While this pool lives: close sessions idle for IDLE_SECONDS (their seats go back to
+        the other workers) and renew the leases of the seats held."""
+        assert self._seats is not None
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(IDLE_SECONDS / 2)
+            now = time.monotonic()
+            for client in [c for c in self._idle if now - self._idle_since.get(id(c), now) >= IDLE_SECONDS]:
+                self._idle.remove(client)
+                self._idle_since.pop(id(client), None)
+                seat = self._seat_of.pop(id(client), None)
+                await self._quit(client)
+                if seat is not None:
+                    await self._give_back(seat)
+            if now - renewed >= SESSION_LEASE_SECONDS / 3 and self._held:
+                renewed = now
+                self._lost |= await self._seats.renew(self.connector, sorted(self._held))
 
     def _groups(self, recipients: Sequence[str]) -> list[list[str]]:
         cap = self.connector.max_recipients or len(recipients) or 1
@@ -577,15 +687,22 @@ class ConnectorPool:
             outcome.replies[r] = (None, outcome.error)
 
     async def aclose(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
         while self._idle:
-            await self._quit(self._idle.pop())  # its replies are read by `Replies` by now
+            client = self._idle.pop()
+            await self._quit(client)  # its replies are read by `Replies` by now
+            seat = self._seat_of.pop(id(client), None)
+            if seat is not None:
+                await self._give_back(seat)
 
 
 class Transport:
     """Connection pools keyed by connector (a changed connector gets a fresh pool)."""
 
-    def __init__(self, *, local_hostname: str) -> None:
+    def __init__(self, *, local_hostname: str, seats: Seats | None = None) -> None:
         self.local_hostname = local_hostname
+        self.seats = seats
         self._pools: dict[int, ConnectorPool] = {}
         self._retired: set[asyncio.Future[None]] = set()
 
@@ -604,7 +721,11 @@ class Transport:
             if current is not None:
                 self._retired.add(asyncio.ensure_future(current.aclose()))
             current = ConnectorPool(
-                connector, local_hostname=self.local_hostname, timeout=timeout, dot_timeout=dot_timeout
+                connector,
+                local_hostname=self.local_hostname,
+                timeout=timeout,
+                dot_timeout=dot_timeout,
+                seats=self.seats,
             )
             self._pools[connector.id] = current
         return current

@@ -59,7 +59,7 @@ class NewConnector:
     ca_file: str | None = None
     default_gateway: bool = False
     enabled: bool = True
-    max_connections: int = 4
+    max_connections: int | None = None  # across all workers; None: no cap
     timeout_seconds: float = 60.0
     # an already stored encrypted password kept by `update` (never decrypted here)
     password_enc: bytes | None = None
@@ -145,8 +145,8 @@ def _validate(new: NewConnector) -> dict[str, Any]:
 
 def _validate_limits(new: NewConnector) -> dict[str, Any]:
     """Provider limits as stored: rate limits canonical (`30/min`), caps positive or None."""
-    if not 1 <= new.max_connections <= 100:
-        raise ValidationError("--max-connections must be between 1 and 100")
+    if new.max_connections is not None and not 1 <= new.max_connections <= 100:
+        raise ValidationError("--max-connections must be between 1 and 100 (or none)")
     for flag, value in (
         ("--max-recipients", new.max_recipients),
         ("--max-messages-per-connection", new.max_messages_per_connection),
@@ -316,6 +316,7 @@ UPDATABLE = (
 
 # What `describe` shows that is derived or the workers' (not a setting `update` changes).
 _DERIVED = (
+    "slowdown",
     "health",
     "state",
     "error",
@@ -619,6 +620,7 @@ def describe(c: Connector) -> dict[str, Any]:
         "last_error": c.last_error,
         "last_error_at": c.last_error_at,
         "limits": limits_of(c),
+        "slowdown": slowdown_of(c),
     }
 
 
@@ -633,10 +635,24 @@ def limits_of(c: Connector) -> dict[str, Any]:
 
 
 def limits_summary(c: Connector) -> str:
-    """The limits in one cell: `30/min 10000/day conn 4 rcpt 500`."""
-    return limits.summary(
+    """The limits in one cell: `30/min 10000/day conn 4 rcpt 500`, and a throttling
+    slow-down while it lasts: `(slowed to 2.5/s)`."""
+    cell = limits.summary(
         limits.parse_rates(c.rate_limits), c.max_connections, c.max_recipients, c.max_messages_per_connection
     )
+    slowed = slowdown_of(c)
+    return f"{cell} (slowed to {slowed['rate']})" if slowed else cell
+
+
+def slowdown_of(c: Connector) -> dict[str, Any] | None:
+    """The workers' slow-down of this connector after throttling replies, while it lasts:
+    its current rate (recovering: doubling every 30 s) and when the last throttling was."""
+    spacing = limits.slowdown(
+        c.throttle_interval_seconds, c.throttled_at, limits.parse_rates(c.rate_limits), datetime.now(UTC)
+    )
+    if spacing is None:
+        return None
+    return {"rate": limits.per_second(spacing), "per_second": round(1 / spacing, 3), "since": c.throttled_at}
 
 
 def health(c: Connector) -> str:

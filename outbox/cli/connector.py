@@ -133,10 +133,9 @@ def limit_options(*, adding: bool) -> Callable[[F], F]:
         ),
         click.option(
             "--max-connections",
-            type=Cap(clearable=False, maximum=100),
-            default=4 if adding else None,
-            show_default=adding,
-            help="Concurrent SMTP sessions to the server.",
+            type=Cap(clearable=not adding, maximum=100),
+            help="Concurrent SMTP sessions to the server, across all workers (without it: "
+            "up to 4 per worker process)." + clear,
         ),
         click.option(
             "--max-recipients",
@@ -167,7 +166,7 @@ def _limit_changes(options: dict[str, Any]) -> dict[str, Any]:
         if "none" in rates and len(rates) > 1:
             raise ValidationError("--rate-limit none clears every rate limit: give it alone")
         changes["rate_limits"] = () if "none" in rates else tuple(rates)
-    for key in ("max_recipients", "max_messages_per_connection"):
+    for key in ("max_connections", "max_recipients", "max_messages_per_connection"):
         value = options.pop(key, None)
         if value is not None:
             changes[key] = None if value == NONE else value

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 from outbox.core.errors import ValidationError
 
@@ -79,3 +80,48 @@ def summary(
     if max_messages_per_connection is not None:
         parts.append(f"msg/conn {max_messages_per_connection}")
     return " ".join(parts) or "none"
+
+
+# Adaptive slow-down after throttling replies (issue 18). A throttling reply sets the spacing
+# between sends to the connector (`throttle_interval_seconds`, at `throttled_at`): twice the
+# current one, at least twice the spacing of its paced rate limits (THROTTLE_FIRST_RATE per
+# second without one), at most THROTTLE_MAX_INTERVAL; once per reaction time (the spacing, at
+# least a second), however many replies say so at once. It halves every
+# THROTTLE_HALF_LIFE_SECONDS after that (the rate doubles), and is gone once it is no slower
+# than the connector's own limits.
+THROTTLE_FIRST_RATE = 10.0  # messages a second, for a connector without a paced rate limit
+THROTTLE_MAX_INTERVAL = 60.0
+THROTTLE_HALF_LIFE_SECONDS = 30.0
+THROTTLE_GONE_SECONDS = 0.001  # a spacing this small no longer slows anything
+
+
+def paced_interval(rates: tuple[Rate, ...]) -> float:
+    """The spacing the connector's rate limits under an hour already impose (0: none)."""
+    return max((r.interval_seconds for r in rates if r.seconds < 3600), default=0.0)
+
+
+def slowdown(
+    interval: float | None, throttled_at: datetime | None, rates: tuple[Rate, ...], now: datetime
+) -> float | None:
+    """The spacing between sends a throttling slow-down imposes now, or None."""
+    if not interval or throttled_at is None:
+        return None
+    age = max(0.0, (now - throttled_at).total_seconds())
+    current = interval * 0.5 ** (age / THROTTLE_HALF_LIFE_SECONDS)
+    if current <= max(paced_interval(rates), THROTTLE_GONE_SECONDS):
+        return None
+    return current
+
+
+def first_slowdown(rates: tuple[Rate, ...]) -> float:
+    """The spacing of a connector's first step down: half the rate of its paced limit."""
+    paced = paced_interval(rates)
+    return min(THROTTLE_MAX_INTERVAL, 2 * paced if paced else 1 / THROTTLE_FIRST_RATE)
+
+
+def per_second(interval: float) -> str:
+    """A spacing as a rate for people: `2.5/s`, `12/min`."""
+    rate = 1 / interval
+    if rate >= 1:
+        return f"{rate:.3g}/s"
+    return f"{rate * 60:.3g}/min"

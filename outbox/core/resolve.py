@@ -36,7 +36,9 @@ class Connector:
     ca_file: str | None
     enabled: bool
     is_default_gateway: bool
-    max_connections: int = 4
+    # the most concurrent SMTP sessions across all workers (None: each process keeps up to
+    # `worker.transport.SESSIONS_PER_PROCESS`, with no cap across processes)
+    max_connections: int | None = None
     timeout_seconds: float = 60.0
     updated_at: datetime | None = None
     failures: int = 0
@@ -55,6 +57,9 @@ class Connector:
     rate_limits: tuple[str, ...] = ()
     max_recipients: int | None = None
     max_messages_per_connection: int | None = None
+    # Adaptive slow-down after throttling replies (written by the workers; outbox/limits.py)
+    throttle_interval_seconds: float | None = None
+    throttled_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Connector:

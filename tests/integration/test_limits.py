@@ -195,3 +195,28 @@ def test_max_recipients_3_sends_7_recipients_as_3_3_1_with_one_message_id(db, sm
         ).fetchall()
     )
     assert statuses == dict.fromkeys(to, "sent")
+
+
+def test_a_throttling_reply_slows_the_connector_down_and_an_operator_sees_it(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp)  # no rate limit of its own: 10/s after the first throttling reply
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.5")
+    smtp.recorder.data_delay = 0.02
+    smtp.recorder.data_replies.append("454 4.7.0 Throttling failure: Maximum sending rate exceeded")
+    ids = enqueue(db, 40)
+    wait_until(
+        lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, step=pipeline.cycle, what="all sent"
+    )
+    assert all(attempts == 1 for _, attempts, _ in rows(db, ids)), "throttling spent an attempt"
+    times = smtp.recorder.arrival_times
+    # the sessions busy when the reply came finish their messages; after that, 10/s (paced
+    # 1.01 s per 10) in every sliding second, with the arrival jitter allowed for
+    assert most_in_any_window(times[8:], 1.0 - JITTER) <= 10, [
+        round(b - a, 3) for a, b in zip(times, times[10:], strict=False)
+    ]
+    [(actor, detail)] = db.execute(
+        "SELECT actor, detail FROM outbox.connector_event WHERE action = 'slowed down'"
+    ).fetchall()
+    assert actor == "worker" and detail["interval_seconds"] == 0.1 and "454" in detail["reply"]
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert 10 <= listed["gw"]["slowdown"]["per_second"] < 20  # recovering: doubles in 30 s
+    assert "slowed to" in outbox_cmd(cli_env, "connector", "list", "--wide").stdout

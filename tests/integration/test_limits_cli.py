@@ -50,6 +50,17 @@ def test_limits_are_stored_shown_and_cleared(cli_env):
     assert "limits" in done
     assert listed(cli_env)["m365"]["limits"]["rate_limits"] == []
 
+    outbox(cli_env, "connector", "update", "m365", "--max-connections", "none")
+    assert listed(cli_env)["m365"]["limits"]["max_connections"] is None  # no cap across workers
+    outbox(cli_env, "connector", "update", "m365", "--max-connections", "2")
+    assert listed(cli_env)["m365"]["limits"]["max_connections"] == 2
+
+
+def test_without_max_connections_there_is_no_cap_across_workers(cli_env):
+    outbox(cli_env, *ADD)
+    assert listed(cli_env)["m365"]["limits"]["max_connections"] is None
+    assert "conn" not in outbox(cli_env, "connector", "list", "--wide").stdout
+
 
 @pytest.mark.parametrize(
     "args",
@@ -61,6 +72,7 @@ def test_limits_are_stored_shown_and_cleared(cli_env):
         ["--max-recipients", "none"],  # nothing to clear when adding
         ["--max-messages-per-connection", "-1"],
         ["--max-connections", "101"],
+        ["--max-connections", "none"],  # nothing to clear when adding
     ],
 )
 def test_bad_limits_are_refused_in_one_line(cli_env, db, args):
