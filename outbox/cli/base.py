@@ -105,13 +105,14 @@ def table(
             if excess <= 0:
                 break
             widths[i] = max(least, len(name), widths[i] - excess)
-            cells = [[*row[:i], _clip(row[i], widths[i]), *row[i + 1 :]] for row in cells]
+            cells = [[*row[:i], clip(row[i], widths[i]), *row[i + 1 :]] for row in cells]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
-def _clip(text: str, width: int) -> str:
+def clip(text: str, width: int) -> str:
+    """At most `width` characters, the last an ellipsis when cut."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -10,7 +10,7 @@ import click
 import psycopg
 
 from outbox.admin import operations
-from outbox.cli.base import EXIT_ERROR, cli, emit, json_option, table, with_conn
+from outbox.cli.base import EXIT_ERROR, cli, clip, emit, json_option, table, with_conn
 from outbox.core.errors import OutboxError
 
 # -- helpers -------------------------------------------------------------------------------
@@ -83,9 +83,9 @@ def _rows_table(rows: list[dict[str, Any]]) -> str:
             "connector": r["connector"],
             "from": r["from_addr"],
             "to": ", ".join(r["to_addrs"]),
-            "subject": _clip(r["subject"], 40),
+            "subject": r["subject"] and clip(r["subject"], 40),
             "attempts": r["attempts"],
-            "last_error": _clip(r["last_error"], 60),
+            "last_error": r["last_error"] and clip(r["last_error"], 60),
         }
         for r in rows[:_PREVIEW_LIMIT]
     ]
@@ -93,12 +93,6 @@ def _rows_table(rows: list[dict[str, Any]]) -> str:
     if len(rows) > _PREVIEW_LIMIT:
         text += f"\n... and {len(rows) - _PREVIEW_LIMIT} more"
     return text
-
-
-def _clip(value: str | None, width: int) -> str | None:
-    if value is None or len(value) <= width:
-        return value
-    return value[: width - 1] + "…"
 
 
 def _skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
@@ -146,9 +140,9 @@ def _run(
 ) -> None:
     if not dry_run:
         _confirm(plan, yes, as_json)
-    result = operations.apply(conn, plan, actor=actor, dry_run=dry_run)
-    emit(result.as_dict(), as_json, _render)
-    if not dry_run and not result.as_dict()["count"] and result.as_dict()["skipped"]:
+    result = operations.apply(conn, plan, actor=actor, dry_run=dry_run).as_dict()
+    emit(result, as_json, _render)
+    if not dry_run and not result["count"] and result["skipped"]:
         # everything named was refused (e.g. `send-now` or `cancel` of a sent message): exit 1
         conn.commit()
         click.get_current_context().exit(EXIT_ERROR)

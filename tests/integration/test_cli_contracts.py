@@ -17,6 +17,10 @@ def add(env, name, *args, check=True):
     return outbox_cli(env, "connector", "add", name, *args, check=check)
 
 
+def gateway(env):
+    add(env, "gw", "--address", "gw@example.com", "--host", "localhost", "--port", "25", "--default-gateway")
+
+
 def send(env, *args):
     return int(outbox_cli(env, "send", "--from", "app@example.com", "--to", "x@example.org", *args).stdout)
 
@@ -55,33 +59,13 @@ def send(env, *args):
     ],
 )
 def test_exit_code_table(cli_env, args, code, says):
-    add(
-        cli_env,
-        "gw",
-        "--address",
-        "gw@example.com",
-        "--host",
-        "localhost",
-        "--port",
-        "25",
-        "--default-gateway",
-    )
+    gateway(cli_env)
     args = tuple(a.format(port=free_port()) if "{port}" in a else a for a in args)
     assert says in one_line_error(outbox_cli(cli_env, *args, check=False), code)
 
 
 def test_nothing_done_is_exit_1_for_replay_cancel_and_send_now_alike(cli_env, db):
-    add(
-        cli_env,
-        "gw",
-        "--address",
-        "gw@example.com",
-        "--host",
-        "localhost",
-        "--port",
-        "25",
-        "--default-gateway",
-    )
+    gateway(cli_env)
     msg_id = send(cli_env, "--subject", "s", "--text", "t")
     db.execute("UPDATE outbox.message SET status = 'sent', sent_at = now() WHERE id = %s", [msg_id])
     for command in ("cancel", "send-now"):
@@ -151,17 +135,7 @@ def test_connector_list_fits_100_columns_and_wide_shows_everything(cli_env, db):
 
 
 def test_json_outputs_parse_and_their_timestamps_round_trip(cli_env, db):
-    add(
-        cli_env,
-        "gw",
-        "--address",
-        "gw@example.com",
-        "--host",
-        "localhost",
-        "--port",
-        "25",
-        "--default-gateway",
-    )
+    gateway(cli_env)
     msg_id = send(cli_env, "--subject", "s", "--text", "t", "--send-at", "2100-01-01T00:00:00+00:00")
     shown = json.loads(outbox_cli(cli_env, "show", str(msg_id), "--json").stdout)
     created = datetime.fromisoformat(shown["created_at"])
