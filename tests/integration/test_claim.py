@@ -73,9 +73,12 @@ def test_claim_with_a_stale_token_claims_nothing(db, parked_gateway):
     assert db.execute("SELECT attempts FROM outbox.message WHERE id = %s", [msg_id]).fetchone()[0] == 1
 
 
+SYNC = b"S\x00\x00\x00\x04"  # a Sync message of the Postgres protocol
+
+
 class FreezingProxy:
     """A TCP proxy to Postgres that stops forwarding, both ways, on a connection as soon as
-    the client sent a chunk holding `marker`: the process behind it stalled right there."""
+    the client sent the statement holding `marker`: the process behind it stalled right there."""
 
     def __init__(self, target: tuple[str, int], marker: bytes) -> None:
         self.target, self.marker = target, marker
@@ -100,14 +103,26 @@ class FreezingProxy:
         stall = asyncio.Event()
 
         async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
+            # The statement holding the marker goes through up to its Sync (the extended
+            # protocol's end of statement, which the client may send in a later chunk), so
+            # the server runs and commits it; then nothing more, either way.
             tail = b""  # the marker may be cut across two chunks (a busy machine reads less)
+            after = None  # what the client sent from the marker on, once it was seen
             while not stall.is_set() and (chunk := await reader.read(65536)):
                 writer.write(chunk)
                 await writer.drain()
-                if upstream and self.marker in tail + chunk:
+                if not upstream:
+                    continue
+                if after is None:
+                    joined = tail + chunk
+                    if self.marker in joined:
+                        after = joined[joined.index(self.marker) :]
+                    tail = joined[-len(self.marker) :]
+                else:
+                    after += chunk
+                if after is not None and SYNC in after:
                     stall.set()
                     self.frozen.set()
-                tail = (tail + chunk)[-len(self.marker) :]
             if not stall.is_set():
                 writer.close()
 
