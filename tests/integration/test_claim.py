@@ -109,20 +109,22 @@ class FreezingProxy:
             tail = b""  # the marker may be cut across two chunks (a busy machine reads less)
             after = None  # what the client sent from the marker on, once it was seen
             while not stall.is_set() and (chunk := await reader.read(65536)):
+                if stall.is_set():  # the server's reply to the marked statement stays here
+                    break
+                if upstream:
+                    if after is None:
+                        joined = tail + chunk
+                        if self.marker in joined:
+                            after = joined[joined.index(self.marker) :]
+                        tail = joined[-len(self.marker) :]
+                    else:
+                        after += chunk
+                    if after is not None and SYNC in after:
+                        # Frozen before the chunk goes out: the reply may come back at once.
+                        stall.set()
+                        self.frozen.set()
                 writer.write(chunk)
                 await writer.drain()
-                if not upstream:
-                    continue
-                if after is None:
-                    joined = tail + chunk
-                    if self.marker in joined:
-                        after = joined[joined.index(self.marker) :]
-                    tail = joined[-len(self.marker) :]
-                else:
-                    after += chunk
-                if after is not None and SYNC in after:
-                    stall.set()
-                    self.frozen.set()
             if not stall.is_set():
                 writer.close()
 
