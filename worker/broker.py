@@ -7,6 +7,7 @@ schedule and every retry live in Postgres, so Dramatiq's own retries stay off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import dramatiq
@@ -37,6 +38,17 @@ class DeliveryLifecycle(Middleware):
             if self.delivery is None:
                 self.delivery = await Delivery.open(self.config)
         return self.delivery
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # Connect while the poller claims the first rows, not when they arrive. Not waited
+        # for; a failure is left to the first message, which opens it again and says why.
+        loop_thread = get_event_loop_thread()
+        if loop_thread is not None:
+            asyncio.run_coroutine_threadsafe(self._open_early(), loop_thread.loop)
+
+    async def _open_early(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.get()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         # "after" hooks run in reverse order: this runs before AsyncIO stops the event loop.
