@@ -18,7 +18,7 @@ TOOLS_VENV = Path(__file__).resolve().parent / ".venv-tools"
 # Areas, matched in order against "function (path)" frames: the first match names the area.
 AREAS: list[tuple[str, str]] = [
     ("MIME build+render (email.*)", r"\(email/"),
-    ("outbox message build (outbox/core/message.py)", r"\(outbox/message\.py"),
+    ("outbox message build (outbox/core/message.py)", r"\(outbox/core/message\.py"),
     ("logging (structlog, logging)", r"\(structlog/|\(logging/"),
     ("psycopg / pool", r"\(psycopg"),
     ("aiosmtplib", r"\(aiosmtplib/"),
