@@ -30,7 +30,8 @@ INSERT INTO outbox.schema_version (version, name) VALUES
     (7, 'provider_limits'),
     (8, 'faster_retention'),
     (9, 'implied_history'),
-    (10, 'max_connections_across_workers')
+    (10, 'max_connections_across_workers'),
+    (11, 'drop_duplicate_attempt_index')
 ON CONFLICT (version) DO NOTHING;
 
 -- True when a text value carries no CR, LF or NUL (header injection guard for writers that
@@ -421,10 +422,8 @@ CREATE TRIGGER message_notify AFTER INSERT ON outbox.message
 ALTER TABLE outbox.message ADD COLUMN IF NOT EXISTS replays integer NOT NULL DEFAULT 0;
 ALTER TABLE outbox.message ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
 
--- Sends and failures per connector over the last hour, and each connector's last success
--- and last error, without scanning the whole history.
+-- Attempts by time (retention); per connector, see attempt_connector_finished_idx below.
 CREATE INDEX IF NOT EXISTS attempt_finished_idx ON outbox.attempt (finished_at);
-CREATE INDEX IF NOT EXISTS attempt_connector_idx ON outbox.attempt (connector_id, finished_at);
 
 -- Every operator action (replay, cancel, send-now, prune, connector reset): who, when, with what selection,
 -- how many messages it changed and which.
@@ -924,3 +923,6 @@ BEGIN
     END IF;
 END
 $$;
+
+-- One index per connector by time was enough (migration 0011).
+DROP INDEX IF EXISTS outbox.attempt_connector_idx;
