@@ -35,7 +35,7 @@ from worker.db import db_retry
 from worker.leases import Flight, Leases
 from worker.limiter import Limiter, Seats, Slot
 from worker.outcomes import Result, after_send, crashed, finish_params, not_built, refusal, unrouted
-from worker.outcomes import decided as _decided
+from worker.outcomes import decided as _decided  # the name `_waiting` has always used
 from worker.prepare import Unbuildable, checked, content, envelope
 from worker.transport import ConnectorPool, Outcome, Transport
 
