@@ -413,7 +413,7 @@ CREATE TRIGGER message_notify AFTER INSERT ON outbox.message
     FOR EACH STATEMENT EXECUTE FUNCTION outbox.message_notify();
 
 -- ==========================================================================================
--- Operators and dashboards (issue 4): replay bookkeeping, the operator audit, dashboard
+-- Operators and dashboards: replay bookkeeping, the operator audit, dashboard
 -- views and the read-only `outbox_dashboard` role. Everything below is idempotent too.
 -- ==========================================================================================
 
@@ -606,7 +606,7 @@ END
 $$;
 
 -- ==========================================================================================
--- Throughput (issue 5): every delivery writes the message row three times, so what those
+-- Throughput: every delivery writes the message row three times, so what those
 -- writes touch is kept small. Everything below is idempotent too.
 -- ==========================================================================================
 
@@ -678,7 +678,7 @@ CREATE TRIGGER connector_after_delete AFTER DELETE ON outbox.connector
     FOR EACH ROW EXECUTE FUNCTION outbox.connector_after_delete();
 
 -- ==========================================================================================
--- The operators' web console (issue 19): its users. Passwords are kept as argon2id hashes
+-- The operators' web console: its users. Passwords are kept as argon2id hashes
 -- (never plaintext); no role but the schema owner reads this table: `outbox_app`,
 -- `outbox_worker` and `outbox_dashboard` get no grant on it.
 -- ==========================================================================================
@@ -872,7 +872,7 @@ BEGIN
 END
 $$;
 
--- Implied history (migration 0009, issue 17) ------------------------------------------------
+-- Implied history (migration 0009) ------------------------------------------------
 -- A successful delivery writes its outcome on the message row only: the attempt that sent a
 -- message, and the result of its one recipient, are read from the row.
 ALTER TABLE outbox.message SET (fillfactor = 80);

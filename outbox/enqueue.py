@@ -3,6 +3,7 @@ transaction. Nothing is committed here: a rolled-back transaction leaves no emai
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any, NamedTuple
 
 import psycopg
@@ -82,72 +83,64 @@ def enqueue(
     message whose From has no connector and no enabled gateway is written, and ends `failed`
     with the reason when the worker takes it (fix the route, then `outbox replay`).
     """
-    kwargs = dict(
-        options,
-        from_addr=from_addr,
-        to=to,
-        subject=subject,
-        text=text,
-        html=html,
-        attachments=attachments,
-    )
-    return enqueue_routed(conn, **kwargs).id
+    email = dict(options, to=to, text=text, html=html, attachments=attachments)
+    return enqueue_routed(conn, from_addr=from_addr, subject=subject, **email).id
 
 
-def enqueue_routed(conn: psycopg.Connection[Any], **kwargs: Any) -> Enqueued:
+def enqueue_routed(conn: psycopg.Connection[Any], **email: Any) -> Enqueued:
     """`enqueue`, also saying whether the message's From has a route right now."""
-    unmonitored = None
-    if kwargs.get("from_addr") is None:
-        row = conn.execute(Q["unmonitored_address"]).fetchone()
-        unmonitored = row[0] if row else None
-    draft = _draft(unmonitored, kwargs)
+    steps = _statements(email)
     with conn.cursor() as cur:
-        new_id, limit, routable = cur.execute(Q["insert_message"], _params(draft)).fetchone()  # type: ignore[misc]
-        if new_id is None:
-            if error := _refused(draft, limit):
-                raise error
-            existing = cur.execute(Q["message_by_idempotency_key"], _params(draft)).fetchone()
-            return Enqueued(int(existing[0]), draft.from_addr, routable)  # type: ignore[index]
-        if draft.attachments:
-            cur.executemany(Q["insert_attachment"], _attachment_params(new_id, draft))
-    return Enqueued(int(new_id), draft.from_addr, routable)
+        try:
+            name, params = next(steps)
+            while True:
+                if isinstance(params, list):
+                    cur.executemany(Q[name], params)
+                    name, params = steps.send(None)
+                else:
+                    name, params = steps.send(cur.execute(Q[name], params).fetchone())
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 async def enqueue_async(
-    conn: psycopg.AsyncConnection[Any],
-    *,
-    from_addr: str | None,
-    to: list[str] | tuple[str, ...] | str = (),
-    subject: str,
-    text: str | None = None,
-    html: str | None = None,
-    attachments: list[Attachment] | tuple[Attachment, ...] = (),
-    **options: Any,
+    conn: psycopg.AsyncConnection[Any], *, from_addr: str | None, subject: str, **email: Any
 ) -> int:
-    """The async twin of `enqueue`, on a psycopg `AsyncConnection`."""
-    kwargs = dict(
-        options,
-        from_addr=from_addr,
-        to=to,
-        subject=subject,
-        text=text,
-        html=html,
-        attachments=attachments,
-    )
-    unmonitored = None
-    if from_addr is None:
-        row = await (await conn.execute(Q["unmonitored_address"])).fetchone()
-        unmonitored = row[0] if row else None
-    draft = _draft(unmonitored, kwargs)
+    """The async twin of `enqueue` (the same arguments), on a psycopg `AsyncConnection`."""
+    steps = _statements(dict(email, from_addr=from_addr, subject=subject))
     async with conn.cursor() as cur:
-        await cur.execute(Q["insert_message"], _params(draft))
-        new_id, limit, _ = await cur.fetchone()  # type: ignore[misc]
-        if new_id is None:
-            if error := _refused(draft, limit):
-                raise error
-            await cur.execute(Q["message_by_idempotency_key"], _params(draft))
-            existing = await cur.fetchone()
-            return int(existing[0])  # type: ignore[index]
-        if draft.attachments:
-            await cur.executemany(Q["insert_attachment"], _attachment_params(new_id, draft))
-    return int(new_id)
+        try:
+            name, params = next(steps)
+            while True:
+                if isinstance(params, list):
+                    await cur.executemany(Q[name], params)
+                    name, params = steps.send(None)
+                else:
+                    await cur.execute(Q[name], params)
+                    name, params = steps.send(await cur.fetchone())
+        except StopIteration as done:
+            return int(done.value.id)
+
+
+# A statement to run: a query's name and its parameters (a list: one execution per item).
+Statement = tuple[str, dict[str, Any] | list[dict[str, Any]] | None]
+
+
+def _statements(email: dict[str, Any]) -> Generator[Statement, Any, Enqueued]:
+    """What enqueueing runs, written once for both connection kinds: yields each statement
+    and is sent back its first row (None after a list)."""
+    unmonitored = None
+    if email.get("from_addr") is None:
+        row = yield "unmonitored_address", None
+        unmonitored = row[0] if row else None
+    draft = _draft(unmonitored, email)
+    params = _params(draft)
+    new_id, limit, routable = yield "insert_message", params
+    if new_id is None:
+        if error := _refused(draft, limit):
+            raise error
+        existing = yield "message_by_idempotency_key", params
+        return Enqueued(int(existing[0]), draft.from_addr, routable)
+    if draft.attachments:
+        yield "insert_attachment", _attachment_params(new_id, draft)
+    return Enqueued(int(new_id), draft.from_addr, routable)

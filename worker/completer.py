@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
-from uuid import UUID
-
-from psycopg.types.json import Jsonb
 
 from outbox import logs
 
@@ -110,27 +104,3 @@ class Completer:
         self._full.set()
         if self._task is not None:
             await self._task
-
-
-def _json_value(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
-_dumps = functools.partial(json.dumps, default=_json_value)
-
-
-def finish_params(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Jsonb]:
-    """Outcomes (one Result.params each) as the two JSON arrays of `finish_attempts`: one
-    statement for many messages instead of one per message."""
-    recipients = [
-        {"message_id": o["id"], "addr": addr, "status": status, "code": code, "reply": reply}
-        for o in outcomes
-        for addr, status, code, reply in zip(
-            o["r_addrs"], o["r_status"], o["r_codes"], o["r_replies"], strict=True
-        )
-    ]
-    return {"outcomes": Jsonb(list(outcomes), dumps=_dumps), "recipients": Jsonb(recipients, dumps=_dumps)}

@@ -180,7 +180,7 @@ RETURNING m.id;
 -- one array per column). Returns the ids written (a row whose lease was lost is left out).
 -- A message given back to wait for its connector's limits (outcome 'waiting') was not
 -- attempted: its row says why and until when, its history gets nothing.
--- A delivery's success is written on the row only (issue 17; views outbox.attempt_history and
+-- A delivery's success is written on the row only (views outbox.attempt_history and
 -- outbox.recipient_history read it back): a `sent` attempt gets no attempt row (the row holds
 -- its number, connector, start, phase and reply), and its recipient no row when it was the
 -- message's one address and the message has no recipient rows yet (`implied_recipient`, set

@@ -25,8 +25,9 @@ from worker.poller import Poller
 
 log = logs.get("outbox.runner")
 Q = queries("worker")
-# How long an idle Dramatiq consumer waits on Redis before looking again: the floor of the
-# pick-up latency when the queue was empty (Dramatiq polls; 100 ms cost ~50 ms at p50).
+# How long an idle Dramatiq consumer waits on Redis before looking again. Dramatiq polls, so
+# a message that reaches an empty queue waits half of this on average: the floor of pick-up
+# latency, against a Redis round trip per poll.
 CONSUMER_POLL_MS = 10
 # Worker threads only wake on an empty work queue to notice a shutdown.
 THREAD_WAKE_MS = 200
@@ -241,10 +242,10 @@ def run_poller_and_worker(config: Config, signals: StopSignals, *, until_idle: b
 def tune_gc() -> None:
     """What start-up created (modules, configuration) lives as long as the process: freeze it
     out of the cyclic collector's sight (before forking, so children share those pages too;
-    without collecting first, as the `gc.freeze` documentation advises: what start-up left
-    for the collector is small, the full collection took 30 ms), and collect young objects
-    less often. What a worker allocates per message is freed by reference counting; at the
-    default threshold (700) the collector took ~5% of a worker's CPU; at 20,000 it ran once
-    or not at all in a 6,000-message benchmark run."""
+    without collecting first, as the `gc.freeze` documentation advises: start-up leaves the
+    collector little, and a full collection is slow), and collect young objects less often.
+    What a worker allocates per message is freed by reference counting, so the collector finds
+    next to nothing to free; at the default threshold (700) it still ran every few messages
+    (figures in bench/RESULTS.md)."""
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)

@@ -174,6 +174,164 @@ def _describe(exc: BaseException) -> str:
     return readable(f"{type(exc).__name__}: {text}"[:500])
 
 
+class Exchange:
+    """The commands and replies of one transaction on a ready session, after its envelope is
+    made: written and read through `Replies` (public asyncio APIs, every reply in whatever
+    the server's bytes arrive in), not by aiosmtplib. Each reply is awaited under `timer`;
+    each recipient's verdict goes into `outcome`; `phase` hears the transaction move on;
+    `before_data` (the lease check) is asked before any content can go out."""
+
+    __slots__ = ("before_data", "client", "outcome", "phase", "replies", "timer")
+
+    def __init__(
+        self,
+        client: SMTP,
+        outcome: Outcome,
+        phase: Callable[[str], None],
+        timer: ReplyTimer,
+        before_data: Callable[[], Awaitable[bool]] | None,
+    ) -> None:
+        self.client = client
+        self.replies = Replies.of(client)
+        self.outcome = outcome
+        self.phase = phase
+        self.timer = timer
+        self.before_data = before_data
+
+    async def pipelined(self, sender: str, recipients: Sequence[str], commands: list[bytes]) -> list[str]:
+        """RFC 2920: the envelope and DATA in one write, their replies read in order. The
+        lease check that guards DATA therefore comes before anything is written. Returns the
+        recipients accepted once the server waits for the content; none: the transaction
+        ended here."""
+        replies, timer = self.replies, self.timer
+        if self.before_data is not None and not await self.before_data():
+            self.lease_lost(recipients)
+            return []
+        replies.write(b"\r\n".join([*commands, b"DATA", b""]))
+        timer.arm()
+        self.mail_reply(sender, await replies.reply())
+        self.phase("rcpt")
+        accepted = []
+        for original in recipients:
+            timer.arm()
+            if self.rcpt_reply(original, await replies.reply()):
+                accepted.append(original)
+        self.phase("data")
+        timer.arm()
+        resp = await replies.reply()
+        if not accepted:
+            self.outcome.phase = "rcpt"
+            self.outcome.code, self.outcome.reply = self.outcome.replies[recipients[-1]]
+            if resp.code == 354:  # a server that takes DATA without recipients: hang up
+                self.client.close()
+            else:
+                timer.arm()
+                await replies.command(b"RSET")
+            return []
+        self.data_reply(resp)
+        return accepted
+
+    async def stepwise(self, sender: str, recipients: Sequence[str], commands: list[bytes]) -> list[str]:
+        """Without PIPELINING: each command waits for its reply; the lease is checked once the
+        recipients are known, just before DATA. Returns the recipients accepted once the
+        server waits for the content; none: the transaction ended here."""
+        replies, timer = self.replies, self.timer
+        timer.arm()
+        self.mail_reply(sender, await replies.command(commands[0]))
+        self.phase("rcpt")
+        accepted = []
+        for original, command in zip(recipients, commands[1:], strict=True):
+            timer.arm()
+            if self.rcpt_reply(original, await replies.command(command)):
+                accepted.append(original)
+        if not accepted:
+            self.outcome.code, self.outcome.reply = self.outcome.replies[recipients[-1]]
+            timer.arm()
+            await replies.command(b"RSET")
+            return []
+        timer.disarm()  # the lease check has its own timeouts
+        if self.before_data is not None and not await self.before_data():
+            self.lease_lost(accepted)
+            timer.arm()
+            await replies.command(b"RSET")
+            return []
+        self.phase("data")
+        timer.arm()
+        self.data_reply(await replies.command(b"DATA"))
+        return accepted
+
+    async def upload(self, data: bytes, dot_timeout: float) -> SMTPResponse:
+        """Write the content and the final dot; return the server's verdict on it. The phase
+        becomes "dot" (the server may have the message) and the final-dot timeout starts only
+        once every byte has left this process: an upload that stalls for a command timeout is
+        a failure in "data", which the server cannot have accepted."""
+        replies, timer = self.replies, self.timer
+        transport = replies.transport
+        replies.write(data)
+        if not transport.get_write_buffer_size():  # the usual case
+            self.phase("dot")
+            timer.arm(dot_timeout)
+            return await replies.reply()
+        reply = asyncio.ensure_future(replies.reply())
+        try:
+            left = transport.get_write_buffer_size()
+            timer.arm()
+            while left and not reply.done():
+                await asyncio.wait([reply], timeout=UPLOAD_POLL_SECONDS)
+                now_left = transport.get_write_buffer_size()
+                if now_left < left:
+                    timer.arm()  # progress: the command timeout counts from here
+                left = now_left
+            self.phase("dot")
+            timer.arm(dot_timeout)
+            return await reply
+        finally:
+            if not reply.done():
+                reply.cancel()
+
+    @staticmethod
+    def mail_reply(sender: str, resp: SMTPResponse) -> None:
+        if resp.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(resp.code, resp.message, sender)
+
+    def rcpt_reply(self, recipient: str, resp: SMTPResponse) -> bool:
+        """Record one RCPT reply; True when the recipient was accepted. 421 (the server is
+        closing) raises: the remaining recipients wait for next time."""
+        if resp.code in (250, 251):
+            self.outcome.verdicts[recipient] = Verdict.ACCEPTED
+            self.outcome.replies[recipient] = (resp.code, readable(resp.message))
+            return True
+        if resp.code == 421:
+            raise aiosmtplib.SMTPRecipientRefused(resp.code, resp.message, recipient)
+        self.outcome.verdicts[recipient] = classify("rcpt", resp.code)
+        self.outcome.replies[recipient] = (resp.code, readable(resp.message))
+        return False
+
+    @staticmethod
+    def data_reply(resp: SMTPResponse) -> None:
+        if resp.code != 354:
+            raise aiosmtplib.SMTPDataError(resp.code, resp.message)
+
+    def dot_reply(self, accepted: Sequence[str], resp: SMTPResponse) -> None:
+        """The server's verdict on the content is each accepted recipient's; 421 closes."""
+        outcome = self.outcome
+        outcome.code, outcome.reply = resp.code, readable(resp.message)
+        verdict = classify("dot", resp.code)
+        for r in accepted:
+            outcome.verdicts[r] = verdict
+            outcome.replies[r] = (resp.code, outcome.reply)
+        if resp.code == 421:
+            self.client.close()
+
+    def lease_lost(self, recipients: Sequence[str]) -> None:
+        """Our lease ran out (the process was stopped, or stalled): another worker may own the
+        row now, so this one must not send the content."""
+        self.outcome.error = "lease lost before DATA: the message is left to its new owner"
+        for r in recipients:
+            self.outcome.verdicts[r] = Verdict.TRANSIENT
+            self.outcome.replies[r] = (None, self.outcome.error)
+
+
 class ConnectorPool:
     """SMTP sessions to one connector, kept open between messages: up to `max_connections`
     across all workers (each session holds a seat on Redis, `worker.limiter.Seats`; idle ones
@@ -532,6 +690,26 @@ class ConnectorPool:
         timer: ReplyTimer,
         before_data: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        """One transaction on a ready session (MAIL, RCPT each, DATA, the content): each
+        recipient's verdict lands in `outcome`. Network and protocol trouble raises, for
+        `_send` to record."""
+        commands = self._envelope(client, sender, recipients, content, outcome)
+        if commands is None:
+            return
+        phase("mail")
+        exchange = Exchange(client, outcome, phase, timer, before_data)
+        if client.supports_extension("pipelining"):
+            accepted = await exchange.pipelined(sender, recipients, commands)
+        else:
+            accepted = await exchange.stepwise(sender, recipients, commands)
+        if accepted:
+            exchange.dot_reply(accepted, await exchange.upload(_dot_stuff(content), self.dot_timeout))
+
+    def _envelope(
+        self, client: SMTP, sender: str, recipients: Sequence[str], content: bytes, outcome: Outcome
+    ) -> list[bytes] | None:
+        """The MAIL and RCPT commands, or None when this session cannot carry the message (an
+        unsafe address, or SMTPUTF8 needed and not offered: refused in `outcome`)."""
         envelope_from, utf8 = _encode_address(sender)
         rcpts = [_encode_address(r) for r in recipients]
         try:  # checked again as each command is made
@@ -540,134 +718,21 @@ class ConnectorPool:
                 _check_path(b"RCPT", addr)
         except UnsafeCommand as exc:  # nothing of this message is written
             self._refuse(outcome, "mail", readable(str(exc)), recipients)
-            return
+            return None
         # UTF-8 headers (a non-ASCII local part anywhere) need SMTPUTF8 too; bodies are 7-bit.
         if utf8 or any(u for _, u in rcpts) or not content.isascii():
             if not client.supports_extension("smtputf8"):
                 self._refuse(
                     outcome, "mail", "non-ASCII address but the server does not offer SMTPUTF8", recipients
                 )
-                return
+                return None
             options, encoding = [b"SMTPUTF8"], "utf-8"
         else:
             options, encoding = [], "ascii"
-        commands = [
+        return [
             _command(b"MAIL", b"FROM:", envelope_from, options, encoding),
             *(_command(b"RCPT", b"TO:", addr, [], encoding) for addr, _ in rcpts),
         ]
-        # The transaction is written and its replies read by `Replies` (public asyncio APIs,
-        # every reply in whatever the server's bytes arrive in), not by aiosmtplib.
-        phase("mail")
-        replies = Replies.of(client)
-        if client.supports_extension("pipelining"):
-            # RFC 2920: the envelope and DATA in one write, their replies read in order. The
-            # lease check that guards DATA therefore comes before anything is written.
-            if before_data is not None and not await before_data():
-                self._lease_lost(outcome, recipients)
-                return
-            replies.write(b"\r\n".join([*commands, b"DATA", b""]))
-            timer.arm()
-            self._mail_reply(sender, await replies.reply())
-            phase("rcpt")
-            accepted = []
-            for original in recipients:
-                timer.arm()
-                if self._rcpt_reply(outcome, original, await replies.reply()):
-                    accepted.append(original)
-            phase("data")
-            timer.arm()
-            resp = await replies.reply()
-            if not accepted:
-                outcome.phase = "rcpt"
-                outcome.code, outcome.reply = outcome.replies[recipients[-1]]
-                if resp.code == 354:  # a server that takes DATA without recipients: hang up
-                    client.close()
-                else:
-                    timer.arm()
-                    await replies.command(b"RSET")
-                return
-        else:
-            timer.arm()
-            self._mail_reply(sender, await replies.command(commands[0]))
-            phase("rcpt")
-            accepted = []
-            for original, command in zip(recipients, commands[1:], strict=True):
-                timer.arm()
-                if self._rcpt_reply(outcome, original, await replies.command(command)):
-                    accepted.append(original)
-            if not accepted:
-                outcome.code, outcome.reply = outcome.replies[recipients[-1]]
-                timer.arm()
-                await replies.command(b"RSET")
-                return
-            timer.disarm()  # the lease check has its own timeouts
-            if before_data is not None and not await before_data():
-                self._lease_lost(outcome, accepted)
-                timer.arm()
-                await replies.command(b"RSET")
-                return
-            phase("data")
-            timer.arm()
-            resp = await replies.command(b"DATA")
-        if resp.code != 354:
-            raise aiosmtplib.SMTPDataError(resp.code, resp.message)
-        resp = await self._upload(replies, _dot_stuff(content), phase, timer)
-        outcome.code, outcome.reply = resp.code, readable(resp.message)
-        verdict = classify("dot", resp.code)
-        for r in accepted:
-            outcome.verdicts[r] = verdict
-            outcome.replies[r] = (resp.code, outcome.reply)
-        if resp.code == 421:
-            client.close()
-
-    async def _upload(
-        self, replies: Replies, data: bytes, phase: Callable[[str], None], timer: ReplyTimer
-    ) -> SMTPResponse:
-        """Write the content and the final dot; return the server's verdict on it. The phase
-        becomes "dot" (the server may have the message) and the final-dot timeout starts only
-        once every byte has left this process: an upload that stalls for a command timeout is
-        a failure in "data", which the server cannot have accepted."""
-        transport = replies.transport
-        replies.write(data)
-        if not transport.get_write_buffer_size():  # the usual case
-            phase("dot")
-            timer.arm(self.dot_timeout)
-            return await replies.reply()
-        reply = asyncio.ensure_future(replies.reply())
-        try:
-            left = transport.get_write_buffer_size()
-            timer.arm()
-            while left and not reply.done():
-                await asyncio.wait([reply], timeout=UPLOAD_POLL_SECONDS)
-                now_left = transport.get_write_buffer_size()
-                if now_left < left:
-                    timer.arm()  # progress: the command timeout counts from here
-                left = now_left
-            phase("dot")
-            timer.arm(self.dot_timeout)
-            return await reply
-        finally:
-            if not reply.done():
-                reply.cancel()
-
-    @staticmethod
-    def _mail_reply(sender: str, resp: SMTPResponse) -> None:
-        if resp.code != 250:
-            raise aiosmtplib.SMTPSenderRefused(resp.code, resp.message, sender)
-
-    @staticmethod
-    def _rcpt_reply(outcome: Outcome, recipient: str, resp: SMTPResponse) -> bool:
-        """Record one RCPT reply; True when the recipient was accepted. 421 (the server is
-        closing) raises: the remaining recipients wait for next time."""
-        if resp.code in (250, 251):
-            outcome.verdicts[recipient] = Verdict.ACCEPTED
-            outcome.replies[recipient] = (resp.code, readable(resp.message))
-            return True
-        if resp.code == 421:
-            raise aiosmtplib.SMTPRecipientRefused(resp.code, resp.message, recipient)
-        outcome.verdicts[recipient] = classify("rcpt", resp.code)
-        outcome.replies[recipient] = (resp.code, readable(resp.message))
-        return False
 
     @staticmethod
     def _refuse(outcome: Outcome, phase: str, error: str, recipients: Sequence[str]) -> None:
@@ -676,15 +741,6 @@ class ConnectorPool:
         for r in recipients:
             outcome.verdicts[r] = Verdict.PERMANENT
             outcome.replies[r] = (None, error)
-
-    @staticmethod
-    def _lease_lost(outcome: Outcome, recipients: Sequence[str]) -> None:
-        """Our lease ran out (the process was stopped, or stalled): another worker may own the
-        row now, so this one must not send the content."""
-        outcome.error = "lease lost before DATA: the message is left to its new owner"
-        for r in recipients:
-            outcome.verdicts[r] = Verdict.TRANSIENT
-            outcome.replies[r] = (None, outcome.error)
 
     async def aclose(self) -> None:
         if self._keeper is not None:

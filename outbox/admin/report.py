@@ -97,31 +97,25 @@ def show(conn: psycopg.Connection[Any], message_id: int) -> dict[str, Any]:
 
 
 def render_show(m: dict[str, Any]) -> str:
-    lines = [
-        f"message {m['id']}  {m['status']}  (attempts {m['attempts']})",
-        f"  Message-ID  {m['message_id']}",
-        f"  From        {m['from_addr']}",
-        f"  To          {', '.join(m['to_addrs'])}",
+    when = "%Y-%m-%d %H:%M:%S%z"
+    replayed = f"{m['replays']}x, last {m['replayed_at']:{when}}" if m.get("replays") else None
+    fields = [  # (label, value): None leaves the line out
+        ("Message-ID", f"{m['message_id']}"),
+        ("From", m["from_addr"]),
+        ("To", ", ".join(m["to_addrs"])),
+        ("Cc", ", ".join(m["cc_addrs"]) or None),
+        ("Bcc", ", ".join(m["bcc_addrs"]) or None),
+        ("Subject", m["subject"]),
+        ("Connector", m["connector_name"] or "-"),
+        ("Created", f"{m['created_at']:{when}}"),
+        ("Send after", f"{m['send_after']:{when}}" if m["send_after"] else None),
+        ("Sent", f"{m['sent_at']:{when}}" if m["sent_at"] else None),
+        ("Next try", f"{m['next_attempt_at']:{when}}" if m["status"] == "retry" else None),
+        ("Last error", m["last_error"] or None),
+        ("Replayed", replayed),
     ]
-    if m["cc_addrs"]:
-        lines.append(f"  Cc          {', '.join(m['cc_addrs'])}")
-    if m["bcc_addrs"]:
-        lines.append(f"  Bcc         {', '.join(m['bcc_addrs'])}")
-    lines += [
-        f"  Subject     {m['subject']}",
-        f"  Connector   {m['connector_name'] or '-'}",
-        f"  Created     {m['created_at']:%Y-%m-%d %H:%M:%S%z}",
-    ]
-    if m["send_after"]:
-        lines.append(f"  Send after  {m['send_after']:%Y-%m-%d %H:%M:%S%z}")
-    if m["sent_at"]:
-        lines.append(f"  Sent        {m['sent_at']:%Y-%m-%d %H:%M:%S%z}")
-    if m["status"] == "retry":
-        lines.append(f"  Next try    {m['next_attempt_at']:%Y-%m-%d %H:%M:%S%z}")
-    if m["last_error"]:
-        lines.append(f"  Last error  {m['last_error']}")
-    if m.get("replays"):
-        lines.append(f"  Replayed    {m['replays']}x, last {m['replayed_at']:%Y-%m-%d %H:%M:%S%z}")
+    lines = [f"message {m['id']}  {m['status']}  (attempts {m['attempts']})"]
+    lines += [f"  {label:<10}  {value}" for label, value in fields if value is not None]
     if m["recipients"]:
         lines.append("recipients:")
         for r in m["recipients"]:

@@ -39,15 +39,24 @@ check_database_url_option = _checked(check_database_url)
 check_redis_url_option = _checked(check_redis_url)
 
 
-def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+def config_option(flag: str, field: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A flag for the setting `Config.<field>`: read from OUTBOX_<FIELD> when not given, its
+    default the configuration's (both shown in --help)."""
+    default = Config.model_fields[field].default
     return click.option(
-        "--database-url",
-        envvar="OUTBOX_DATABASE_URL",
+        flag,
+        field,
+        envvar=f"OUTBOX_{field.upper()}",
         show_envvar=True,
-        default=Config.model_fields["database_url"].default,
-        show_default=True,
-        callback=check_database_url_option,
-        help="Postgres connection URL.",
+        default=default,
+        show_default=default is not None,
+        **kwargs,
+    )
+
+
+def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return config_option(
+        "--database-url", "database_url", callback=check_database_url_option, help="Postgres connection URL."
     )(f)
 
 
@@ -118,22 +127,8 @@ def clip(text: str, width: int) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="outbox-worker")
-@click.option(
-    "--log-level",
-    envvar="OUTBOX_LOG_LEVEL",
-    show_envvar=True,
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
-@click.option(
-    "--log-format",
-    envvar="OUTBOX_LOG_FORMAT",
-    show_envvar=True,
-    default="console",
-    show_default=True,
-    type=click.Choice(["console", "json"]),
-)
+@config_option("--log-level", "log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+@config_option("--log-format", "log_format", type=click.Choice(["console", "json"]))
 @click.option(
     "--database-url",
     "group_database_url",

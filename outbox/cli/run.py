@@ -11,6 +11,7 @@ import click
 from outbox.cli.base import (
     check_redis_url_option,
     cli,
+    config_option,
     db_option,
     require_current_schema,
 )
@@ -22,44 +23,15 @@ from outbox.config import Config
 def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         db_option,
-        click.option(
-            "--redis-url",
-            envvar="OUTBOX_REDIS_URL",
-            show_envvar=True,
-            default=Config.model_fields["redis_url"].default,
-            show_default=True,
-            callback=check_redis_url_option,
+        config_option("--redis-url", "redis_url", callback=check_redis_url_option),
+        config_option("--queue", "queue", help="Dramatiq queue name."),
+        config_option("--redis-namespace", "redis_namespace", help="Prefix of every Redis key."),
+        config_option(
+            "--metrics-port", "metrics_port", type=int, help="Serve Prometheus metrics on METRICS_HOST:PORT."
         ),
-        click.option(
-            "--queue",
-            envvar="OUTBOX_QUEUE",
-            show_envvar=True,
-            default=Config.model_fields["queue"].default,
-            show_default=True,
-            help="Dramatiq queue name.",
-        ),
-        click.option(
-            "--redis-namespace",
-            envvar="OUTBOX_REDIS_NAMESPACE",
-            show_envvar=True,
-            default=Config.model_fields["redis_namespace"].default,
-            show_default=True,
-            help="Prefix of every Redis key.",
-        ),
-        click.option(
-            "--metrics-port",
-            envvar="OUTBOX_METRICS_PORT",
-            show_envvar=True,
-            type=int,
-            default=None,
-            help="Serve Prometheus metrics on METRICS_HOST:PORT.",
-        ),
-        click.option(
+        config_option(
             "--metrics-host",
-            envvar="OUTBOX_METRICS_HOST",
-            show_envvar=True,
-            default=Config.model_fields["metrics_host"].default,
-            show_default=True,
+            "metrics_host",
             help="Address the metrics endpoint listens on (0.0.0.0 for a Prometheus elsewhere).",
         ),
     ]
@@ -69,16 +41,13 @@ def _runner_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _worker_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
+    f = config_option(
         "--threads",
         "worker_threads",
-        envvar="OUTBOX_WORKER_THREADS",
-        show_envvar=True,
         type=click.IntRange(1, 256),
-        default=Config.model_fields["worker_threads"].default,
-        show_default=True,
         help="Concurrent broker messages per worker process.",
     )(f)
+    # Its default is computed (one per core), so Config fills it in when the flag is not given.
     f = click.option(
         "--processes",
         "worker_processes",

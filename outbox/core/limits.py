@@ -82,7 +82,7 @@ def summary(
     return " ".join(parts) or "none"
 
 
-# Adaptive slow-down after throttling replies (issue 18). A throttling reply sets the spacing
+# Adaptive slow-down after throttling replies. A throttling reply sets the spacing
 # between sends to the connector (`throttle_interval_seconds`, at `throttled_at`): twice the
 # current one, at least twice the spacing of its paced rate limits (THROTTLE_FIRST_RATE per
 # second without one), at most THROTTLE_MAX_INTERVAL; once per reaction time (the spacing, at

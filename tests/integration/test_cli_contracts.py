@@ -9,7 +9,8 @@ from datetime import datetime
 
 import pytest
 
-from tests.helpers import one_line_error, outbox_cli
+from tests.conftest import wait_until
+from tests.helpers import add_gateway, one_line_error, outbox_cli
 from tests.smtp import free_port
 
 
@@ -145,3 +146,28 @@ def test_json_outputs_parse_and_their_timestamps_round_trip(cli_env, db):
     assert listed["name"] == "gw" and listed["backoff_until"] is None
     status = json.loads(outbox_cli(cli_env, "status", "--json").stdout)
     assert status["counts"]["queued"] == 1
+
+
+# -- attempt numbering -----------------------------------------------------------------------
+
+
+def test_attempts_are_numbered_alike_in_show_its_timeline_and_the_worker_log(cli_env, db, smtp, start):
+    """A message refused once for a while then sent: `show` counts 2 attempts, its timeline
+    (and `--json`) lists #1 retry and #2 sent, and the worker logged attempt=1 and attempt=2."""
+    add_gateway(db, smtp)
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.1, retry_max_seconds = 0.3")
+    smtp.recorder.data_replies.append("451 4.3.0 try again later")
+    msg_id = send(cli_env, "--subject", "s", "--text", "t")
+    worker = start("run", OUTBOX_LOG_LEVEL="debug", OUTBOX_LOG_FORMAT="json")
+    wait_until(
+        lambda: outbox_cli(cli_env, "show", str(msg_id), "--json").stdout.count('"outcome"') == 2,
+        what=lambda: worker.output(),
+    )
+    shown = json.loads(outbox_cli(cli_env, "show", str(msg_id), "--json").stdout)
+    assert shown["status"] == "sent" and shown["attempts"] == 2
+    assert [(a["attempt"], a["outcome"]) for a in shown["attempts_history"]] == [(1, "retry"), (2, "sent")]
+    text = outbox_cli(cli_env, "show", str(msg_id)).stdout
+    assert "(attempts 2)" in text and "#1 " in text and "#2 " in text, text
+    wait_until(lambda: worker.output().count("attempt finished") == 2, what=lambda: worker.output())
+    logged = [json.loads(line) for line in worker.output().splitlines() if "attempt finished" in line]
+    assert [(e["attempt"], e["status"]) for e in logged] == [(1, "retry"), (2, "sent")]

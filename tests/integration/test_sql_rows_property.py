@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from outbox.core.message import build, header_address, render
 from outbox.core.settings import Settings
 from tests.helpers import add_gateway
-from worker.delivery import Unbuildable, checked, envelope
+from worker.prepare import Unbuildable, checked, envelope
 
 # Text that tries to break out of a header: line breaks of every kind, encoded words that
 # decode to them or to addresses, angle brackets, quotes, commas.

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from psycopg.rows import dict_row
 
 from outbox.store.sql import queries
-from worker.delivery import finish_params
+from worker.outcomes import finish_params
 
 Q = queries("worker")
 OUTCOMES = {

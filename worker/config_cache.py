@@ -1,0 +1,54 @@
+"""The worker's copy of settings and connectors. Re-read as soon as an operator changes them
+(their version is read with every claim, in the same round trip) and at least every
+TTL_SECONDS (the health columns other worker processes write: backoff, slow-down)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from outbox.core.resolve import Connector
+from outbox.core.settings import Settings
+from outbox.store.sql import queries
+from worker import metrics
+
+Q = queries("worker")
+
+TTL_SECONDS = 1.0
+
+
+class ConfigCache:
+    def __init__(self) -> None:
+        self.loaded_at = -TTL_SECONDS  # monotonic time of the last read
+        self.version: tuple[Any, ...] | None = None
+        self.settings = Settings()
+        self.connectors: list[Connector] = []
+        # Connectors by id, updated in place: holders of this dict see every re-read.
+        self.by_id: dict[int, Connector] = {}
+
+    async def get(
+        self, cur: psycopg.AsyncCursor[Any], version: tuple[Any, ...] | None = None
+    ) -> tuple[Settings, list[Connector]]:
+        """Settings and connectors, re-read when an operator changed them (`version`, read
+        with the claimed rows, moved) or, for the workers' own health columns, at most
+        TTL_SECONDS late. `cur` must return dict rows."""
+        started = time.monotonic()
+        stale = started - self.loaded_at >= TTL_SECONDS
+        if stale or version != self.version:
+            if version is None or stale:
+                version = tuple((await (await cur.execute(Q["config_version"])).fetchone() or {}).values())
+            self.settings = Settings.model_validate(await (await cur.execute(Q["settings"])).fetchone() or {})
+            self.connectors = [
+                Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
+            ]
+            self.by_id.clear()
+            self.by_id.update((c.id, c) for c in self.connectors)
+            metrics.show_limits(self.connectors)
+            self.loaded_at, self.version = started, version
+        return self.settings, self.connectors
+
+    def expire(self) -> None:
+        """Re-read with the next claim: this process just changed a connector's health."""
+        self.loaded_at = -TTL_SECONDS
