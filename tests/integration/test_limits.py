@@ -220,3 +220,30 @@ def test_a_throttling_reply_slows_the_connector_down_and_an_operator_sees_it(db,
     listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
     assert 10 <= listed["gw"]["slowdown"]["per_second"] < 20  # recovering: doubles in 30 s
     assert "slowed to" in outbox_cmd(cli_env, "connector", "list", "--wide").stdout
+
+
+def test_connector_list_shows_what_was_used_of_each_limit(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("1000/h",), max_connections=2)
+    ids = enqueue(db, 7)
+    for msg in ids:
+        pipeline.until_status(msg, "sent")
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    usage = listed["gw"]["usage"]
+    assert usage["rate_limits"] == [{"limit": "1000/h", "window_seconds": 3600, "used": 7}]
+    assert usage["sessions"]["limit"] == 2 and usage["sessions"]["used"] in (0, 1, 2)
+    table = outbox_cmd(cli_env, "connector", "list").stdout.splitlines()
+    assert "7 of 1000/h, " in next(ln for ln in table if ln.startswith("gw")), table
+
+
+def test_a_paced_limits_usage_counts_the_last_interval(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("10/min",))
+    ids = enqueue(db, 3)
+    wait_until(
+        lambda: sorted(r[0] for r in rows(db, ids)) == ["sent"] * 3,
+        timeout=60,
+        step=pipeline.cycle,
+        what="three sent (one every 6 s)",
+    )
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["usage"]["rate_limits"] == [{"limit": "10/min", "window_seconds": 60, "used": 3}]
+    assert listed["gw"]["usage"]["sessions"] is None  # no --max-connections
