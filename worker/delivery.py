@@ -217,6 +217,7 @@ class Delivery:
                 Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
             ]
             self._by_id = {c.id: c for c in self._connectors}
+            self.limiter.reloaded(started)
             metrics.show_limits(self._connectors)
             self._loaded_at, self._version = started, version
         return self._settings, self._connectors

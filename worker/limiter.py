@@ -236,14 +236,15 @@ class Limiter:
         self._script = self._client.register_script(RESERVE)
         self._warned_at = -LOG_EVERY_SECONDS
         self._reserved: dict[int, _Reserved] = {}
-        self._slowed: dict[int, tuple[float, datetime]] = {}
+        # slow-downs recorded by this process: (spacing, when, time.monotonic() when recorded)
+        self._slowed: dict[int, tuple[float, datetime, float]] = {}
 
     def keys(self, connector: Connector, rates: Sequence[Rate]) -> list[str]:
         return rate_keys(self.namespace, connector, rates)
 
     def slowed(self, connector: Connector) -> float | None:
         """The spacing a throttling slow-down imposes on this connector now, or None: as read
-        from Postgres (any worker's), or as this process recorded it since."""
+        from Postgres (any worker's), or as this process recorded it since its last read."""
         here = self._slowed.get(connector.id)
         if connector.throttled_at is None and here is None:
             return None
@@ -254,7 +255,14 @@ class Limiter:
 
     def slowed_here(self, connector: Connector, interval: float) -> None:
         """This process just slowed the connector down (before its next read of Postgres)."""
-        self._slowed[connector.id] = (interval, datetime.now(UTC))
+        self._slowed[connector.id] = (interval, datetime.now(UTC), time.monotonic())
+
+    def reloaded(self, started: float) -> None:
+        """The connectors were read from Postgres by a read begun at `started`
+        (time.monotonic()): slow-downs this process recorded before it are in what was read,
+        or were ended there since by an operator (`connector reset`, a change of limits)."""
+        for cid in [cid for cid, (_, _, at) in self._slowed.items() if at < started]:
+            del self._slowed[cid]
 
     async def reserve(self, connector: Connector, *, max_wait_seconds: float) -> Slot:
         """The earliest time this connector may take one more message, taken if it is within

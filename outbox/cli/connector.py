@@ -325,7 +325,12 @@ def connector_update(
     if not changes and password is None and client_secret is None:
         raise ValidationError("nothing to change: give at least one option")
     done = connectors.update(conn, name, changes, password=password, client_secret=client_secret, actor=actor)
-    click.echo(f"connector {name} updated: {', '.join(done.changed) or 'no change'}" + _ended(done.backoff))
+    slowed = (
+        f"; slow-down after throttling ended (was slowed to {done.slowdown['rate']})" if done.slowdown else ""
+    )
+    click.echo(
+        f"connector {name} updated: {', '.join(done.changed) or 'no change'}" + slowed + _ended(done.backoff)
+    )
 
 
 def _ended(backoff: connectors.BackoffReset | None) -> str:
@@ -531,11 +536,13 @@ def connector_test(conn: psycopg.Connection[Any], name: str, actor: str | None, 
 @json_option
 @with_conn
 def connector_reset(conn: psycopg.Connection[Any], name: str, actor: str | None, as_json: bool) -> None:
-    """End a connector's backoff now: mail waiting for it is sent within seconds.
+    """End a connector's backoff, and its slow-down after throttling replies, now: mail
+    waiting for it is sent within seconds.
 
-    Clears its failure count (its last error stays in the history), makes the messages that
-    wait for its backoff due now and has every worker reload it. Audited. On a healthy
-    connector with nothing waiting it changes nothing."""
+    Clears its failure count (its last error stays in the history), ends the slow-down (the
+    workers send at its configured limits again), makes the messages that wait for either
+    due now and has every worker reload it. Audited. On a healthy connector with nothing
+    waiting it changes nothing."""
     done = operations.reset_connector(conn, name, actor=actor)
     emit(done, as_json, _render_reset)
 
@@ -543,14 +550,16 @@ def connector_reset(conn: psycopg.Connection[Any], name: str, actor: str | None,
 def _render_reset(d: dict[str, Any]) -> str:
     if not d["reset"]:
         return f"connector {d['connector']} is healthy and no mail waits for it: nothing to reset"
-    was = d["was"]
+    was, parts = d["was"], []
     if was["backoff_until"] or was["failures"]:
         why = f"{was['failures']} failure(s), last: {was['last_error']}"
         if was["backoff_until"]:
             until = datetime.fromisoformat(was["backoff_until"]).isoformat(timespec="seconds")
             why = f"backing off until {until} after {why}"
-        head = f"connector {d['connector']}: backoff ended (was {why})"
-    else:
-        head = f"connector {d['connector']}: mail waiting for an ended backoff is due again"
+        parts.append(f"backoff ended (was {why})")
+    elif d["backoff_reset"]:
+        parts.append("mail waiting for an ended backoff is due again")
+    if d["slowdown_ended"]:
+        parts.append(f"slow-down after throttling ended (was slowed to {d['slowdown_ended']['rate']})")
     ids = f": {', '.join(map(str, d['ids']))}" if d["ids"] else ""
-    return f"{head}; {d['count']} waiting message(s) due now{ids}"
+    return f"connector {d['connector']}: {'; '.join(parts)}; {d['count']} waiting message(s) due now{ids}"

@@ -247,3 +247,57 @@ def test_a_paced_limits_usage_counts_the_last_interval(db, smtp, pipeline, cli_e
     listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
     assert listed["gw"]["usage"]["rate_limits"] == [{"limit": "10/min", "window_seconds": 60, "used": 3}]
     assert listed["gw"]["usage"]["sessions"] is None  # no --max-connections
+
+
+def throttle_once(db, smtp, pipeline, cli_env):
+    """A 454 reply slows the connector down (to 10/s without a rate limit, 5/s with 10/s)."""
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.5")
+    smtp.recorder.data_replies.append("454 4.7.0 Throttling failure: Maximum sending rate exceeded")
+    [msg] = enqueue(db, 1)
+    pipeline.until_status(msg, "sent", timeout=30)
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["slowdown"] is not None
+    smtp.recorder.arrival_times.clear()
+
+
+def test_connector_reset_ends_a_slow_down(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp)
+    throttle_once(db, smtp, pipeline, cli_env)
+    done = outbox_cmd(cli_env, "connector", "reset", "gw")
+    assert done.returncode == 0 and "slow-down after throttling ended (was slowed to 1" in done.stdout
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["slowdown"] is None
+    ids = enqueue(db, 40)
+    wait_until(
+        lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, step=pipeline.cycle, what="all sent"
+    )
+    # slowed down, at most 10 (recovering: 20 after 30 s) would arrive in any second
+    assert most_in_any_window(smtp.recorder.arrival_times, 1.0) > 20
+    [(actor, detail)] = db.execute(
+        "SELECT actor, detail FROM outbox.connector_event WHERE action = 'slow-down ended'"
+    ).fetchall()
+    assert actor and detail["by"] == "reset" and 0.05 < detail["was_interval_seconds"] <= 0.1
+    again = outbox_cmd(cli_env, "connector", "reset", "gw")
+    assert "nothing to reset" in again.stdout
+
+
+def test_changing_the_limits_ends_a_slow_down(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("10/s",))  # slowed to 5/s by a throttling reply
+    throttle_once(db, smtp, pipeline, cli_env)
+    done = outbox_cmd(cli_env, "connector", "update", "gw", "--rate-limit", "40/s")
+    assert "slow-down after throttling ended (was slowed to " in done.stdout
+    ids = enqueue(db, 60)
+    wait_until(
+        lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, step=pipeline.cycle, what="all sent"
+    )
+    times = smtp.recorder.arrival_times
+    assert 10 < most_in_any_window(times, 1.0) <= 41  # the new limit, not the slow-down
+
+
+def test_an_update_that_leaves_the_limits_keeps_the_slow_down(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp)
+    throttle_once(db, smtp, pipeline, cli_env)
+    done = outbox_cmd(cli_env, "connector", "update", "gw", "--timeout", "30")
+    assert "slow-down" not in done.stdout
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["slowdown"] is not None
