@@ -4,6 +4,7 @@ interval across worker processes, no attempt spent waiting, no other connector h
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import outbox
@@ -41,22 +42,88 @@ def most_in_any_window(times, seconds):
     return best
 
 
+class Stalls:
+    """When this process stalled: a thread sleeping PROBE_SECONDS at a time records each
+    wake-up later than STALL_SECONDS (when it woke, how late). A pipeline's worker and SMTP
+    server run in this process: a stall that delays a message between the limiter's admission
+    and the server's MAIL delays this thread too."""
+
+    PROBE_SECONDS = 0.002
+    STALL_SECONDS = 0.002
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(self.PROBE_SECONDS)
+            woke = time.monotonic()
+            late = woke - t0 - self.PROBE_SECONDS
+            if late > self.STALL_SECONDS:
+                self.seen.append((woke, late))
+
+    def before(self, t: float, within: float) -> float:
+        """How long this process stalled in the `within` seconds before `t` (a stall noticed
+        up to 10 ms after it ended counts too)."""
+        return sum(late for woke, late in self.seen if t - within <= woke <= t + 0.01)
+
+    def __enter__(self) -> Stalls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# A message reaches the server a little later than the limiter admitted it (the Redis reply,
+# the worker's wake-up for its slot, the server's read): up to JITTER on a busy machine, more
+# when this process stalls meanwhile. A window of a limit's length that holds one message too
+# many is excused when it is short by at most JITTER, or by at most MOST_LATENESS if a stall
+# of this process seen just before its first message explains the rest. A limit of 11/s
+# (11 messages in 0.909 s: 0.091 short) fails the test, and so does no limit at all.
+MOST_LATENESS = 0.08
+
+
+def crowded_windows(times, n, seconds, stalls):
+    """The sliding windows of `seconds` that hold more than `n` of these arrival times and are
+    not excused (see MOST_LATENESS): (start from the first arrival, how much short)."""
+    times = sorted(times)
+    crowded = []
+    for first, last in zip(times, times[n:], strict=False):
+        short = seconds - (last - first)
+        excused = short <= JITTER or (
+            short <= MOST_LATENESS and stalls.before(first, MOST_LATENESS) >= short - JITTER
+        )
+        if short > 0 and not excused:
+            crowded.append((round(first - times[0], 3), round(short, 3)))
+    return crowded
+
+
 def test_ten_per_second_is_held_in_every_sliding_second(db, smtp, pipeline):
     add_gateway(db, smtp, rate_limits=("10/s",))
-    ids = enqueue(db, 60)
-    wait_until(
-        lambda: len(smtp.recorder.received) >= 60, timeout=30, step=pipeline.cycle, what="60 messages sent"
-    )
-    wait_until(lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=10, what="rows sent")
-    times = smtp.recorder.arrival_times
-    # paced at admission (just before MAIL) 1.01 s per 10; arrival adds the scheduling jitter of
-    # busy test processes (tens of ms), which the window allows for
-    assert most_in_any_window(times, 1.0 - JITTER) <= 10, [
-        round(b - a, 3) for a, b in zip(times, times[10:], strict=False)
-    ]
+    with Stalls() as stalls:
+        ids = enqueue(db, 60)
+        wait_until(
+            lambda: len(smtp.recorder.received) >= 60,
+            timeout=120,
+            step=pipeline.cycle,
+            what=lambda: f"60 messages sent ({len(smtp.recorder.received)} so far)",
+        )
+        wait_until(lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, what="rows sent")
     assert all(attempts == 1 for _, attempts, _ in rows(db, ids)), "waiting spent an attempt"
-    span = max(times) - min(times)
-    assert 5.9 <= span <= 8.0, f"60 messages at 10/s took {span:.2f} s"
+    assert len(smtp.recorder.received) == 60
+    # Each message counted when the server saw its MAIL FROM. The limiter admits them (just
+    # before MAIL) at least 1.01 s per 10, so every sliding second holds at most 10 of them,
+    # but for a message that arrived late (closer to the next ones): see MOST_LATENESS.
+    times = smtp.recorder.mail_times
+    assert crowded_windows(times, 10, 1.0, stalls) == [], (
+        "11 messages within a second (start, how much under 1 s)",
+        f"stalls seen: {[(round(w - times[0], 3), round(s, 3)) for w, s in stalls.seen if s > 0.005]}",
+    )
     assert (
         db.execute(
             "SELECT count(*) FROM outbox.attempt_history WHERE message_id = ANY(%s)", [ids]
