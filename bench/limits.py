@@ -8,7 +8,9 @@ own database and Redis namespace, dropped after): N messages through the sink's 
 (the default), 2b. the same with one slot per Redis round trip (OUTBOX_RATE_LIMIT_BATCH=1, as
 before batching), and 3. with `--rate` per second; prints the throughput of 1, 2 and 2b (the
 limiter's overhead) and the achieved rate of 3 (first to last `sent_at`) against the
-configured one. Prints figures; asserts nothing.
+configured one, and the client CPU per message (the `outbox run` process tree) of 1, 2 and 2b:
+on a shared machine the CPU per message is steadier than the throughput. Prints figures;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def _limit(spec: str | None) -> str:
     return f"UPDATE outbox.connector SET rate_limits = '{value}'"
 
 
+def _ms(run: e2e.Throughput) -> float | None:
+    return round(run.cpu_ms_per_msg, 3) if run.cpu_ms_per_msg is not None else None
+
+
+def _cpu(runs: list[e2e.Throughput]) -> float:
+    """Median client CPU per message (the `outbox run` tree, after the first 10 %)."""
+    return statistics.median(r.cpu_ms_per_msg or 0.0 for r in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         e2e.make_template(env)
         free, unbound, single = [], [], []
         for _ in range(args.runs):  # interleaved, so drift on the machine hits all alike
-            free.append(e2e.throughput(env, args.n, pre_sql=_limit(None), label="free").steady_rate)
-            unbound.append(
-                e2e.throughput(env, args.n, pre_sql=_limit("1000000/s"), label="unbound").steady_rate
-            )
+            free.append(e2e.throughput(env, args.n, pre_sql=_limit(None), label="free"))
+            unbound.append(e2e.throughput(env, args.n, pre_sql=_limit("1000000/s"), label="unbound"))
             single.append(
                 e2e.throughput(
                     env,
@@ -59,14 +68,23 @@ def main(argv: list[str] | None = None) -> int:
                     pre_sql=_limit("1000000/s"),
                     label="single",
                     extra_env={"OUTBOX_RATE_LIMIT_BATCH": "1"},
-                ).steady_rate
+                )
             )
-        f, u, s1 = statistics.median(free), statistics.median(unbound), statistics.median(single)
-        print(f"no rate limit:             {f:8.0f} msg/s  (median: {[round(x) for x in free]})")
-        print(f"1000000/s, batches:        {u:8.0f} msg/s  (median: {[round(x) for x in unbound]})")
-        print(f"1000000/s, one per trip:   {s1:8.0f} msg/s  (median: {[round(x) for x in single]})")
+        f, u, s1 = (statistics.median(r.steady_rate for r in runs) for runs in (free, unbound, single))
+        cf, cu, cs = (_cpu(runs) for runs in (free, unbound, single))
+        for name, rate, cpu, runs in (
+            ("no rate limit:          ", f, cf, free),
+            ("1000000/s, batches:     ", u, cu, unbound),
+            ("1000000/s, one per trip:", s1, cs, single),
+        ):
+            print(
+                f"{name}   {rate:8.0f} msg/s  (median: {[round(r.steady_rate) for r in runs]}); "
+                f"client CPU {cpu:.3f} ms/msg (median: {[_ms(r) for r in runs]})"
+            )
         print(f"limiter overhead:          {100 * (f - u) / f:8.1f} % of throughput (batches)")
         print(f"                           {100 * (f - s1) / f:8.1f} % (one slot per round trip)")
+        print(f"client CPU per message:    {100 * (cu - cf) / cf:+8.1f} % (batches)")
+        print(f"                           {100 * (cs - cf) / cf:+8.1f} % (one slot per round trip)")
         bound = e2e.throughput(
             env, args.n, pre_sql=_limit(f"{args.rate}/s"), label="bound", timeout=args.n / args.rate * 3 + 60
         )

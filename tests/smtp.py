@@ -86,6 +86,9 @@ class Recorder:
     on_keep: Callable[[int], None] | None = None
     # time.monotonic() when each kept message arrived (its final dot), in order
     arrival_times: list[float] = field(default_factory=list)
+    # time.monotonic() when each kept message's transaction began (its MAIL FROM arrived):
+    # the server's first sight of it, a few ms after the client's limiter admitted it
+    mail_times: list[float] = field(default_factory=list)
     # TCP connections open now, and the most ever open at once (`--max-connections`)
     connections: int = 0
     most_connections: int = 0
@@ -113,6 +116,7 @@ class Recorder:
             return self.mail_replies.popleft()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        envelope.mail_at = time.monotonic()
         return "250 OK"
 
     async def handle_RCPT(
@@ -160,6 +164,7 @@ class Recorder:
     def _keep(self, envelope: Any) -> None:
         with self.arrived:
             self.arrival_times.append(time.monotonic())
+            self.mail_times.append(getattr(envelope, "mail_at", self.arrival_times[-1]))
             self.received.append(
                 Received(
                     envelope.mail_from,

@@ -5,6 +5,7 @@ TTL_SECONDS (the health columns other worker processes write: backoff, slow-down
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -20,7 +21,10 @@ TTL_SECONDS = 1.0
 
 
 class ConfigCache:
-    def __init__(self) -> None:
+    def __init__(self, on_reload: Callable[[float], None] | None = None) -> None:
+        # Told the monotonic time each re-read began (the limiter forgets the slow-downs
+        # recorded before it: what was read holds them, or an operator ended them).
+        self.on_reload = on_reload
         self.loaded_at = -TTL_SECONDS  # monotonic time of the last read
         self.version: tuple[Any, ...] | None = None
         self.settings = Settings()
@@ -45,6 +49,8 @@ class ConfigCache:
             ]
             self.by_id.clear()
             self.by_id.update((c.id, c) for c in self.connectors)
+            if self.on_reload is not None:
+                self.on_reload(started)
             metrics.show_limits(self.connectors)
             self.loaded_at, self.version = started, version
         return self.settings, self.connectors

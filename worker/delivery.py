@@ -67,7 +67,7 @@ class Delivery:
         self.leases = Leases(self._renew)
         self.limiter = Limiter(config.redis_url, config.redis_namespace)
         self.transport = Transport(local_hostname=config.local_hostname, seats=Seats(self.limiter))
-        self.configs = ConfigCache()
+        self.configs = ConfigCache(on_reload=self.limiter.reloaded)
         self._by_id = self.configs.by_id  # the same dict, kept current by the cache
         self.health = ConnectorHealth(pool, self.configs, self.limiter)
         self._writer_conn: psycopg.AsyncConnection[Any] | None = None

@@ -121,6 +121,11 @@ for i, key in ipairs(KEYS) do
     -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
     local tat = last + span / n
     redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+    -- usage, for `connector list`: slots taken per tenth of the interval (see USAGE)
+    local width = tonumber(ARGV[b + 3]) * 100
+    local bucket = key .. ':u:' .. math.floor(at / width)
+    redis.call('INCRBY', bucket, k)
+    redis.call('PEXPIRE', bucket, math.ceil(width * 12))
   else
     redis.call('ZADD', key, at, member)
     redis.call('PEXPIRE', key, math.ceil(wait + span) + 1000)
@@ -128,6 +133,37 @@ for i, key in ipairs(KEYS) do
 end
 return {1, tostring(wait), which, k, tostring(spacing)}
 """
+
+# `connector list`'s usage: slots taken within the last interval of each limit, and sessions
+# open. KEYS: one per limit (as RESERVE), then the sessions' set. ARGV: per limit: kind,
+# seconds. Paced limits count slots per tenth of the interval (RESERVE's `:u:` buckets): the
+# last ten tenths, the oldest weighted by how much of it is still inside the interval. A
+# sliding log counts its entries (those reserved moments ahead included). Returns the counts
+# as strings, the sessions' last.
+USAGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local out = {}
+for i = 1, #KEYS - 1 do
+  local kind, seconds = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local used = 0
+  if kind == 'p' then
+    local width = seconds * 100
+    local cb = math.floor(now / width)
+    for b = cb - 9, cb do
+      used = used + tonumber(redis.call('GET', KEYS[i] .. ':u:' .. b) or '0')
+    end
+    local oldest = tonumber(redis.call('GET', KEYS[i] .. ':u:' .. (cb - 10)) or '0')
+    used = used + oldest * ((cb + 1) * width - now) / width
+  else
+    used = redis.call('ZCOUNT', KEYS[i], '(' .. (now - seconds * 1000), '+inf')
+  end
+  table.insert(out, tostring(used))
+end
+table.insert(out, tostring(redis.call('ZCOUNT', KEYS[#KEYS], '(' .. math.floor(now), '+inf')))
+return out
+"""
+USAGE_TIMEOUT_SECONDS = 2.0  # `connector list` shows `?` rather than wait longer for Redis
 
 
 @dataclass(frozen=True)
@@ -200,15 +236,15 @@ class Limiter:
         self._script = self._client.register_script(RESERVE)
         self._warned_at = -LOG_EVERY_SECONDS
         self._reserved: dict[int, _Reserved] = {}
-        self._slowed: dict[int, tuple[float, datetime]] = {}
+        # slow-downs recorded by this process: (spacing, when, time.monotonic() when recorded)
+        self._slowed: dict[int, tuple[float, datetime, float]] = {}
 
     def keys(self, connector: Connector, rates: Sequence[Rate]) -> list[str]:
-        # one hash slot per connector (Redis Cluster runs a script only on keys of one slot)
-        return [f"{self.namespace}:limit:{{{connector.id}}}:{r.seconds}:{_kind(r)}" for r in rates]
+        return rate_keys(self.namespace, connector, rates)
 
     def slowed(self, connector: Connector) -> float | None:
         """The spacing a throttling slow-down imposes on this connector now, or None: as read
-        from Postgres (any worker's), or as this process recorded it since."""
+        from Postgres (any worker's), or as this process recorded it since its last read."""
         here = self._slowed.get(connector.id)
         if connector.throttled_at is None and here is None:
             return None
@@ -219,7 +255,14 @@ class Limiter:
 
     def slowed_here(self, connector: Connector, interval: float) -> None:
         """This process just slowed the connector down (before its next read of Postgres)."""
-        self._slowed[connector.id] = (interval, datetime.now(UTC))
+        self._slowed[connector.id] = (interval, datetime.now(UTC), time.monotonic())
+
+    def reloaded(self, started: float) -> None:
+        """The connectors were read from Postgres by a read begun at `started`
+        (time.monotonic()): slow-downs this process recorded before it are in what was read,
+        or were ended there since by an operator (`connector reset`, a change of limits)."""
+        for cid in [cid for cid, (_, _, at) in self._slowed.items() if at < started]:
+            del self._slowed[cid]
 
     async def reserve(self, connector: Connector, *, max_wait_seconds: float) -> Slot:
         """The earliest time this connector may take one more message, taken if it is within
@@ -280,6 +323,15 @@ class Limiter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def rate_keys(namespace: str, connector: Connector, rates: Sequence[Rate]) -> list[str]:
+    # one hash slot per connector (Redis Cluster runs a script only on keys of one slot)
+    return [f"{namespace}:limit:{{{connector.id}}}:{r.seconds}:{_kind(r)}" for r in rates]
+
+
+def sessions_key(namespace: str, connector: Connector) -> str:
+    return f"{namespace}:limit:{{{connector.id}}}:sessions"
 
 
 def _wait(seconds: float) -> float:
@@ -350,7 +402,7 @@ class Seats:
         self._renew = limiter._client.register_script(RENEW_SEATS)
 
     def key(self, connector: Connector) -> str:
-        return f"{self._limiter.namespace}:limit:{{{connector.id}}}:sessions"
+        return sessions_key(self._limiter.namespace, connector)
 
     async def take(self, connector: Connector, cap: int, *, max_wait_seconds: float) -> str | None:
         """A seat for one more session (its id), waiting up to `max_wait_seconds` for one to
@@ -396,3 +448,39 @@ class Seats:
             await self._limiter._client.zrem(self.key(connector), member)
         except (redis.exceptions.RedisError, OSError) as exc:  # its lease ends it anyway
             self._limiter.unreachable(connector, exc)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A connector's use of its limits now: slots taken within each rate limit's last interval
+    (in the order of `parse_rates`), and SMTP sessions holding a `--max-connections` seat."""
+
+    rates: tuple[tuple[Rate, int], ...]
+    sessions: int
+
+
+def usage(redis_url: str, namespace: str, connectors: Sequence[Connector]) -> dict[int, Usage] | None:
+    """Each connector's usage as the workers' limiter sees it on Redis (one script call per
+    connector), or None when Redis cannot be reached (`connector list` shows `?`)."""
+    options = REDIS_OPTIONS | {
+        "socket_timeout": USAGE_TIMEOUT_SECONDS,
+        "socket_connect_timeout": USAGE_TIMEOUT_SECONDS,
+        "retry_on_timeout": False,
+    }
+    client = redis.Redis.from_url(redis_url, **options)
+    try:
+        script = client.register_script(USAGE)
+        out: dict[int, Usage] = {}
+        for c in connectors:
+            rates = _rates(c.rate_limits)
+            keys = [*rate_keys(namespace, c, rates), sessions_key(namespace, c)]
+            args: list[str | int] = []
+            for r in rates:
+                args += [_kind(r), r.seconds]
+            counts = [round(float(x)) for x in script(keys=keys, args=args)]
+            out[c.id] = Usage(tuple(zip(rates, counts[:-1], strict=True)), counts[-1])
+        return out
+    except (redis.exceptions.RedisError, OSError):
+        return None
+    finally:
+        client.close()

@@ -285,6 +285,7 @@ def add(conn: psycopg.Connection[Any], new: NewConnector, *, actor: str | None =
 class Updated:
     changed: list[str]  # the fields that changed
     backoff: BackoffReset
+    slowdown: dict[str, Any] | None = None  # the slow-down a change of limits ended
 
 
 @dataclass(frozen=True)
@@ -385,10 +386,50 @@ def update(
                 for k in changed
             },
         )
+        ended = None
         if "limits" in changed:  # what waited for the old limits goes by the new ones
+            ended = _end_slowdown(conn, current, by="update", actor=actor)
             conn.execute(Q["release_limit_waits"], {"id": current.id})
         backoff = _reset_backoff(conn, current, by="update", actor=actor)
-    return Updated(changed, backoff)
+    return Updated(changed, backoff, ended)
+
+
+def _end_slowdown(
+    conn: psycopg.Connection[Any], connector: Connector, *, by: str, actor: str | None
+) -> dict[str, Any] | None:
+    """End the workers' slow-down of `connector` after throttling replies, if one lasts (the
+    caller holds `lock_connectors` in its transaction), recorded in its activity history; the
+    messages waiting for it are due now. Returns what it was (`slowdown_of`), or None."""
+    was = slowdown_of(connector)
+    row = conn.execute(Q["end_connector_slowdown"], {"id": connector.id}).fetchone()
+    if row is None or was is None:  # none, or one that had already worn off
+        return None
+    conn.execute(Q["release_limit_waits"], {"id": connector.id})
+    _event(
+        conn,
+        connector.id,
+        connector.name,
+        "slow-down ended",
+        actor,
+        {
+            "by": by,
+            "was_rate": was["rate"],
+            "was_interval_seconds": row[0],
+            "throttled_at": row[1].isoformat(),
+        },
+    )
+    return was | {"since": row[1].isoformat()}
+
+
+def end_slowdown(
+    conn: psycopg.Connection[Any], name: str, *, by: str = "reset", actor: str | None = None
+) -> dict[str, Any] | None:
+    """End a connector's slow-down after throttling replies now (one transaction): every
+    worker sends at its configured limits again; the messages waiting for it are due now.
+    Returns the slow-down it ended, or None when there was none."""
+    with conn.transaction():
+        conn.execute(Q["lock_connectors"])
+        return _end_slowdown(conn, get(conn, name), by=by, actor=actor)
 
 
 def _merged(

@@ -389,19 +389,28 @@ def send_now(
 
 def reset_connector(conn: psycopg.Connection[Any], name: str, *, actor: str | None = None) -> dict[str, Any]:
     """`outbox connector reset NAME`: end the connector's backoff now (see
-    `connectors.reset_backoff`) and audit it with the messages it made due, in one
-    transaction. A healthy connector with nothing waiting changes nothing and is not audited."""
+    `connectors.reset_backoff`) and its slow-down after throttling replies (`end_slowdown`),
+    and audit it with the messages it made due, in one transaction. A healthy connector with
+    nothing waiting changes nothing and is not audited. `reset`: anything changed."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         done = connectors.reset_backoff(conn, name, by="reset", actor=actor)
-        out = {"action": "connector-reset", **done.as_dict(), "audit_id": None}
-        if done.reset:
+        slowdown = connectors.end_slowdown(conn, name, by="reset", actor=actor)
+        out = {
+            "action": "connector-reset",
+            **done.as_dict(),
+            "backoff_reset": done.reset,
+            "slowdown_ended": slowdown,
+            "audit_id": None,
+        }
+        if done.reset or slowdown is not None:
+            out["reset"] = True
             out["audit_id"] = _audit(
                 cur,
                 "connector-reset",
                 actor,
                 {"connector": name},
                 list(done.released),
-                {"connector": name, "was": out["was"]},
+                {"connector": name, "was": out["was"], "slowdown_ended": slowdown},
             )
     return out
 

@@ -325,7 +325,12 @@ def connector_update(
     if not changes and password is None and client_secret is None:
         raise ValidationError("nothing to change: give at least one option")
     done = connectors.update(conn, name, changes, password=password, client_secret=client_secret, actor=actor)
-    click.echo(f"connector {name} updated: {', '.join(done.changed) or 'no change'}" + _ended(done.backoff))
+    slowed = (
+        f"; slow-down after throttling ended (was slowed to {done.slowdown['rate']})" if done.slowdown else ""
+    )
+    click.echo(
+        f"connector {name} updated: {', '.join(done.changed) or 'no change'}" + slowed + _ended(done.backoff)
+    )
 
 
 def _ended(backoff: connectors.BackoffReset | None) -> str:
@@ -350,20 +355,26 @@ def connector_list(conn: psycopg.Connection[Any], wide: bool, as_json: bool) -> 
 
     STATE is ok, disabled, failing, or "backing off until T" after failures to reach or log
     in to the server; ERROR is the last error while it is current (nothing got through and no
-    reset since); GW marks the System Default Gateway. The table fits 100 columns; --wide adds
-    the server, security, username, how secrets are kept and LIMITS (rate limits, conn:
-    sessions, rcpt: recipients per transaction, msg/conn: messages per session). --json has
-    everything, with the error history (last_error and last_error_at) and the limits one by
-    one."""
+    reset since); GW marks the System Default Gateway. USAGE is what the workers used of the
+    connector's limits, as their limiter keeps it on Redis: "12 of 30/min" (messages within
+    the last minute), "2 of 3 conn" (sessions open); `?` when Redis cannot be reached. The
+    table fits 100 columns; --wide adds the server, security, username, how secrets are kept
+    and LIMITS (rate limits, conn: sessions, rcpt: recipients per transaction, msg/conn:
+    messages per session). --json has everything, with the error history (last_error and
+    last_error_at), the limits one by one and their usage (`used` null when unknown)."""
     loaded = connectors.load_all(conn)
-    rows = [connectors.describe(c) for c in loaded]
+    used = _usage(loaded)
+    rows = [connectors.describe(c) | {"usage": used.get(c.id)} for c in loaded]
     compact = {c.name: connectors.limits_summary(c) for c in loaded}
 
     def render(rs: list[dict[str, Any]]) -> str:
         if not rs:
             return "no connectors"
         if wide:
-            return table([r | {"limits": compact[r["name"]]} for r in rs], WIDE_COLUMNS)
+            return table(
+                [r | {"limits": compact[r["name"]], "usage": _usage_cell(r["usage"])} for r in rs],
+                WIDE_COLUMNS,
+            )
         narrow = [_narrow(r) for r in rs]
         return table(narrow, NARROW_COLUMNS, width=100, shrink=NARROW_SHRINK)
 
@@ -384,10 +395,55 @@ WIDE_COLUMNS = (
     "default_gateway",
     "state",
     "limits",
+    "usage",
     "error",
 )
-NARROW_COLUMNS = ("name", "gw", "address", "state", "error")
-NARROW_SHRINK = (("address", 16), ("error", 20))  # cut first, to at least
+NARROW_COLUMNS = ("name", "gw", "address", "state", "usage", "error")
+# cut first, to at least (a backing-off connector with a rate limit still fits 100 columns)
+NARROW_SHRINK = (("address", 13), ("usage", 11), ("error", 16))
+
+
+def _usage(loaded: list[Any]) -> dict[int, dict[str, Any]]:
+    """Each limited connector's usage as the workers' limiter keeps it on Redis: messages
+    within the last interval of each rate limit, and sessions open against
+    --max-connections; `used` is None (shown `?`) when Redis cannot be reached."""
+    from worker.limiter import usage
+
+    limited = [c for c in loaded if c.rate_limits or c.max_connections is not None]
+    if not limited:
+        return {}
+    config = Config()
+    read = usage(config.redis_url, config.redis_namespace, limited)
+    out: dict[int, dict[str, Any]] = {}
+    for c in limited:
+        u = read.get(c.id) if read is not None else None
+        counts = dict(u.rates) if u is not None else {}
+        out[c.id] = {
+            "rate_limits": [
+                {"limit": str(r), "window_seconds": r.seconds, "used": counts.get(r)}
+                for r in limits.parse_rates(c.rate_limits)
+            ],
+            "sessions": (
+                None
+                if c.max_connections is None
+                else {"limit": c.max_connections, "used": u.sessions if u is not None else None}
+            ),
+        }
+    return out
+
+
+def _usage_cell(u: dict[str, Any] | None) -> str | None:
+    """`12 of 30/min, 2 of 3 conn`; `?` for what Redis could not tell."""
+    if u is None:
+        return None
+
+    def n(used: int | None) -> str:
+        return "?" if used is None else str(used)
+
+    parts = [f"{n(r['used'])} of {r['limit']}" for r in u["rate_limits"]]
+    if u["sessions"] is not None:
+        parts.append(f"{n(u['sessions']['used'])} of {u['sessions']['limit']} conn")
+    return ", ".join(parts)
 
 
 def _short_state(r: dict[str, Any]) -> str:
@@ -408,6 +464,7 @@ def _narrow(r: dict[str, Any]) -> dict[str, Any]:
         "address": r["address"] + aliases,
         "gw": "*" if r["default_gateway"] else None,
         "state": _short_state(r),
+        "usage": _usage_cell(r["usage"]),
         "error": r["error"],
     }
 
@@ -479,11 +536,13 @@ def connector_test(conn: psycopg.Connection[Any], name: str, actor: str | None, 
 @json_option
 @with_conn
 def connector_reset(conn: psycopg.Connection[Any], name: str, actor: str | None, as_json: bool) -> None:
-    """End a connector's backoff now: mail waiting for it is sent within seconds.
+    """End a connector's backoff, and its slow-down after throttling replies, now: mail
+    waiting for it is sent within seconds.
 
-    Clears its failure count (its last error stays in the history), makes the messages that
-    wait for its backoff due now and has every worker reload it. Audited. On a healthy
-    connector with nothing waiting it changes nothing."""
+    Clears its failure count (its last error stays in the history), ends the slow-down (the
+    workers send at its configured limits again), makes the messages that wait for either
+    due now and has every worker reload it. Audited. On a healthy connector with nothing
+    waiting it changes nothing."""
     done = operations.reset_connector(conn, name, actor=actor)
     emit(done, as_json, _render_reset)
 
@@ -491,14 +550,16 @@ def connector_reset(conn: psycopg.Connection[Any], name: str, actor: str | None,
 def _render_reset(d: dict[str, Any]) -> str:
     if not d["reset"]:
         return f"connector {d['connector']} is healthy and no mail waits for it: nothing to reset"
-    was = d["was"]
+    was, parts = d["was"], []
     if was["backoff_until"] or was["failures"]:
         why = f"{was['failures']} failure(s), last: {was['last_error']}"
         if was["backoff_until"]:
             until = datetime.fromisoformat(was["backoff_until"]).isoformat(timespec="seconds")
             why = f"backing off until {until} after {why}"
-        head = f"connector {d['connector']}: backoff ended (was {why})"
-    else:
-        head = f"connector {d['connector']}: mail waiting for an ended backoff is due again"
+        parts.append(f"backoff ended (was {why})")
+    elif d["backoff_reset"]:
+        parts.append("mail waiting for an ended backoff is due again")
+    if d["slowdown_ended"]:
+        parts.append(f"slow-down after throttling ended (was slowed to {d['slowdown_ended']['rate']})")
     ids = f": {', '.join(map(str, d['ids']))}" if d["ids"] else ""
-    return f"{head}; {d['count']} waiting message(s) due now{ids}"
+    return f"connector {d['connector']}: {'; '.join(parts)}; {d['count']} waiting message(s) due now{ids}"

@@ -146,6 +146,18 @@ UPDATE outbox.message
  WHERE connector_id = %(id)s AND status IN ('queued', 'retry') AND phase = 'waiting'
    AND next_attempt_at > now();
 
+-- end_connector_slowdown --
+-- End the workers' slow-down of a connector after throttling replies (an operator changed its
+-- limits, or reset it): the spacing forgotten, updated_at bumped so every worker reloads the
+-- connector at once. Returns the spacing as it was and when it was set (no row: it was not
+-- slowed down).
+UPDATE outbox.connector c
+   SET throttle_interval_seconds = NULL, throttled_at = NULL, updated_at = now()
+  FROM (SELECT id, throttle_interval_seconds, throttled_at
+          FROM outbox.connector WHERE id = %(id)s FOR UPDATE) AS was
+ WHERE c.id = was.id AND was.throttled_at IS NOT NULL
+RETURNING was.throttle_interval_seconds, was.throttled_at;
+
 -- insert_connector_event --
 -- Activity history of a connector.
 INSERT INTO outbox.connector_event (connector_id, connector_name, action, actor, detail)

@@ -129,8 +129,13 @@ def connector_reset(ctx: Ctx) -> Response:
         return ctx.redirect(
             "/connectors", f"{done['connector']} is healthy and no mail waits for it: nothing to reset."
         )
+    ended = [
+        *(["backoff ended"] if done["backoff_reset"] else []),
+        *(["slow-down after throttling ended"] if done["slowdown_ended"] else []),
+    ]
     return ctx.redirect(
-        "/connectors", f"{done['connector']}: backoff ended; {done['count']} waiting message(s) due now."
+        "/connectors",
+        f"{done['connector']}: {' and '.join(ended)}; {done['count']} waiting message(s) due now.",
     )
 
 

@@ -121,9 +121,10 @@ def test_connector_list_fits_100_columns_and_wide_shows_everything(cli_env, db):
     )
     narrow = outbox_cli(cli_env, "connector", "list").stdout.splitlines()
     assert max(map(len, narrow)) <= 100, "\n".join(narrow)
-    assert narrow[0].split() == ["NAME", "GW", "ADDRESS", "STATE", "ERROR"]
+    assert narrow[0].split() == ["NAME", "GW", "ADDRESS", "STATE", "USAGE", "ERROR"]
     emea = next(line for line in narrow if line.startswith("customer-service-emea"))
     assert "backing off until " in emea and "SMTPAuthenticat" in emea and "…" in emea
+    assert "0 of 30/min" in emea  # nothing sent through it yet
     gw = next(line for line in narrow if line.startswith("gw "))
     assert gw.split()[:2] == ["gw", "*"] and gw.rstrip().endswith("ok")
 

@@ -4,11 +4,13 @@ interval across worker processes, no attempt spent waiting, no other connector h
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import outbox
 from outbox.admin import connectors
 from outbox.admin.connectors import NewConnector
+from outbox.core import limits
 from tests.conftest import wait_until
 from tests.helpers import add_gateway
 from tests.helpers import outbox_cli as outbox_cmd
@@ -41,22 +43,88 @@ def most_in_any_window(times, seconds):
     return best
 
 
+class Stalls:
+    """When this process stalled: a thread sleeping PROBE_SECONDS at a time records each
+    wake-up later than STALL_SECONDS (when it woke, how late). A pipeline's worker and SMTP
+    server run in this process: a stall that delays a message between the limiter's admission
+    and the server's MAIL delays this thread too."""
+
+    PROBE_SECONDS = 0.002
+    STALL_SECONDS = 0.002
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(self.PROBE_SECONDS)
+            woke = time.monotonic()
+            late = woke - t0 - self.PROBE_SECONDS
+            if late > self.STALL_SECONDS:
+                self.seen.append((woke, late))
+
+    def before(self, t: float, within: float) -> float:
+        """How long this process stalled in the `within` seconds before `t` (a stall noticed
+        up to 10 ms after it ended counts too)."""
+        return sum(late for woke, late in self.seen if t - within <= woke <= t + 0.01)
+
+    def __enter__(self) -> Stalls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# A message reaches the server a little later than the limiter admitted it (the Redis reply,
+# the worker's wake-up for its slot, the server's read): up to JITTER on a busy machine, more
+# when this process stalls meanwhile. A window of a limit's length that holds one message too
+# many is excused when it is short by at most JITTER, or by at most MOST_LATENESS if a stall
+# of this process seen just before its first message explains the rest. A limit of 11/s
+# (11 messages in 0.909 s: 0.091 short) fails the test, and so does no limit at all.
+MOST_LATENESS = 0.08
+
+
+def crowded_windows(times, n, seconds, stalls):
+    """The sliding windows of `seconds` that hold more than `n` of these arrival times and are
+    not excused (see MOST_LATENESS): (start from the first arrival, how much short)."""
+    times = sorted(times)
+    crowded = []
+    for first, last in zip(times, times[n:], strict=False):
+        short = seconds - (last - first)
+        excused = short <= JITTER or (
+            short <= MOST_LATENESS and stalls.before(first, MOST_LATENESS) >= short - JITTER
+        )
+        if short > 0 and not excused:
+            crowded.append((round(first - times[0], 3), round(short, 3)))
+    return crowded
+
+
 def test_ten_per_second_is_held_in_every_sliding_second(db, smtp, pipeline):
     add_gateway(db, smtp, rate_limits=("10/s",))
-    ids = enqueue(db, 60)
-    wait_until(
-        lambda: len(smtp.recorder.received) >= 60, timeout=30, step=pipeline.cycle, what="60 messages sent"
-    )
-    wait_until(lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=10, what="rows sent")
-    times = smtp.recorder.arrival_times
-    # paced at admission (just before MAIL) 1.01 s per 10; arrival adds the scheduling jitter of
-    # busy test processes (tens of ms), which the window allows for
-    assert most_in_any_window(times, 1.0 - JITTER) <= 10, [
-        round(b - a, 3) for a, b in zip(times, times[10:], strict=False)
-    ]
+    with Stalls() as stalls:
+        ids = enqueue(db, 60)
+        wait_until(
+            lambda: len(smtp.recorder.received) >= 60,
+            timeout=120,
+            step=pipeline.cycle,
+            what=lambda: f"60 messages sent ({len(smtp.recorder.received)} so far)",
+        )
+        wait_until(lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, what="rows sent")
     assert all(attempts == 1 for _, attempts, _ in rows(db, ids)), "waiting spent an attempt"
-    span = max(times) - min(times)
-    assert 5.9 <= span <= 8.0, f"60 messages at 10/s took {span:.2f} s"
+    assert len(smtp.recorder.received) == 60
+    # Each message counted when the server saw its MAIL FROM. The limiter admits them (just
+    # before MAIL) at least 1.01 s per 10, so every sliding second holds at most 10 of them,
+    # but for a message that arrived late (closer to the next ones): see MOST_LATENESS.
+    times = smtp.recorder.mail_times
+    assert crowded_windows(times, 10, 1.0, stalls) == [], (
+        "11 messages within a second (start, how much under 1 s)",
+        f"stalls seen: {[(round(w - times[0], 3), round(s, 3)) for w, s in stalls.seen if s > 0.005]}",
+    )
     assert (
         db.execute(
             "SELECT count(*) FROM outbox.attempt_history WHERE message_id = ANY(%s)", [ids]
@@ -202,15 +270,21 @@ def test_a_throttling_reply_slows_the_connector_down_and_an_operator_sees_it(db,
     db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.5")
     smtp.recorder.data_delay = 0.02
     smtp.recorder.data_replies.append("454 4.7.0 Throttling failure: Maximum sending rate exceeded")
-    ids = enqueue(db, 40)
-    wait_until(
-        lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, step=pipeline.cycle, what="all sent"
-    )
+    with Stalls() as stalls:
+        ids = enqueue(db, 40)
+        wait_until(
+            lambda: {r[0] for r in rows(db, ids)} == {"sent"},
+            timeout=60,
+            step=pipeline.cycle,
+            what="all sent",
+        )
     assert all(attempts == 1 for _, attempts, _ in rows(db, ids)), "throttling spent an attempt"
-    times = smtp.recorder.arrival_times
+    times = smtp.recorder.mail_times[8:]
     # the sessions busy when the reply came finish their messages; after that, 10/s (paced
-    # 1.01 s per 10) in every sliding second, with the arrival jitter allowed for
-    assert most_in_any_window(times[8:], 1.0 - JITTER) <= 10, [
+    # 1.01 s per 10), recovering (the rate doubles every 30 s): by the last message 10 take
+    # no less than this long, in every sliding window (lateness excused as MOST_LATENESS says)
+    seconds = 0.5 ** ((times[-1] - times[0]) / limits.THROTTLE_HALF_LIFE_SECONDS)
+    assert crowded_windows(times, 10, seconds, stalls) == [], [
         round(b - a, 3) for a, b in zip(times, times[10:], strict=False)
     ]
     [(actor, detail)] = db.execute(
@@ -220,3 +294,84 @@ def test_a_throttling_reply_slows_the_connector_down_and_an_operator_sees_it(db,
     listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
     assert 10 <= listed["gw"]["slowdown"]["per_second"] < 20  # recovering: doubles in 30 s
     assert "slowed to" in outbox_cmd(cli_env, "connector", "list", "--wide").stdout
+
+
+def test_connector_list_shows_what_was_used_of_each_limit(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("1000/h",), max_connections=2)
+    ids = enqueue(db, 7)
+    for msg in ids:
+        pipeline.until_status(msg, "sent")
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    usage = listed["gw"]["usage"]
+    assert usage["rate_limits"] == [{"limit": "1000/h", "window_seconds": 3600, "used": 7}]
+    assert usage["sessions"]["limit"] == 2 and usage["sessions"]["used"] in (0, 1, 2)
+    table = outbox_cmd(cli_env, "connector", "list").stdout.splitlines()
+    assert "7 of 1000/h, " in next(ln for ln in table if ln.startswith("gw")), table
+
+
+def test_a_paced_limits_usage_counts_the_last_interval(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("10/min",))
+    ids = enqueue(db, 3)
+    wait_until(
+        lambda: sorted(r[0] for r in rows(db, ids)) == ["sent"] * 3,
+        timeout=60,
+        step=pipeline.cycle,
+        what="three sent (one every 6 s)",
+    )
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["usage"]["rate_limits"] == [{"limit": "10/min", "window_seconds": 60, "used": 3}]
+    assert listed["gw"]["usage"]["sessions"] is None  # no --max-connections
+
+
+def throttle_once(db, smtp, pipeline, cli_env):
+    """A 454 reply slows the connector down (to 10/s without a rate limit, 5/s with 10/s)."""
+    db.execute("UPDATE outbox.settings SET retry_base_seconds = 0.2, retry_max_seconds = 0.5")
+    smtp.recorder.data_replies.append("454 4.7.0 Throttling failure: Maximum sending rate exceeded")
+    [msg] = enqueue(db, 1)
+    pipeline.until_status(msg, "sent", timeout=30)
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["slowdown"] is not None
+    smtp.recorder.arrival_times.clear()
+
+
+def test_connector_reset_ends_a_slow_down(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp)
+    throttle_once(db, smtp, pipeline, cli_env)
+    done = outbox_cmd(cli_env, "connector", "reset", "gw")
+    assert done.returncode == 0 and "slow-down after throttling ended (was slowed to 1" in done.stdout
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["slowdown"] is None
+    ids = enqueue(db, 40)
+    wait_until(
+        lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, step=pipeline.cycle, what="all sent"
+    )
+    # slowed down, at most 10 (recovering: 20 after 30 s) would arrive in any second
+    assert most_in_any_window(smtp.recorder.arrival_times, 1.0) > 20
+    [(actor, detail)] = db.execute(
+        "SELECT actor, detail FROM outbox.connector_event WHERE action = 'slow-down ended'"
+    ).fetchall()
+    assert actor and detail["by"] == "reset" and 0.05 < detail["was_interval_seconds"] <= 0.1
+    again = outbox_cmd(cli_env, "connector", "reset", "gw")
+    assert "nothing to reset" in again.stdout
+
+
+def test_changing_the_limits_ends_a_slow_down(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("10/s",))  # slowed to 5/s by a throttling reply
+    throttle_once(db, smtp, pipeline, cli_env)
+    done = outbox_cmd(cli_env, "connector", "update", "gw", "--rate-limit", "40/s")
+    assert "slow-down after throttling ended (was slowed to " in done.stdout
+    ids = enqueue(db, 60)
+    wait_until(
+        lambda: {r[0] for r in rows(db, ids)} == {"sent"}, timeout=60, step=pipeline.cycle, what="all sent"
+    )
+    # faster than the slow-down's 5/s: more than 10 arrived within some second
+    assert most_in_any_window(smtp.recorder.arrival_times, 1.0) > 10
+
+
+def test_an_update_that_leaves_the_limits_keeps_the_slow_down(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp)
+    throttle_once(db, smtp, pipeline, cli_env)
+    done = outbox_cmd(cli_env, "connector", "update", "gw", "--timeout", "30")
+    assert "slow-down" not in done.stdout
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["slowdown"] is not None

@@ -100,3 +100,22 @@ def test_the_schema_refuses_a_malformed_rate_limit(db):
             "INSERT INTO outbox.connector (name, direction, address, host, port, rate_limits) "
             "VALUES ('x', 'outgoing', 'x@example.com', 'localhost', 25, '{30/week}')"
         )
+
+
+def test_usage_is_a_question_mark_when_redis_cannot_be_reached(cli_env):
+    outbox(cli_env, *ADD, "--rate-limit", "30/min", "--max-connections", "3")
+    env = cli_env | {"OUTBOX_REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = outbox(env, "connector", "list")
+    assert proc.returncode == 0
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("m365"))
+    assert "? of 30/min, ? of 3 conn" in line
+    usage = listed(env)["m365"]["usage"]
+    assert usage == {
+        "rate_limits": [{"limit": "30/min", "window_seconds": 60, "used": None}],
+        "sessions": {"limit": 3, "used": None},
+    }
+
+
+def test_connectors_without_limits_show_no_usage(cli_env):
+    outbox(cli_env, *ADD)
+    assert listed(cli_env)["m365"]["usage"] is None
