@@ -288,7 +288,7 @@ SELECT connector_events, audits
 -- A throttling reply: slow the connector down (the spacing between sends doubles, from
 -- %(first)s, at most %(max)s seconds), once per reaction time (its current spacing, at least a
 -- second) however many replies say so at once, and say so in its activity history. The
--- current spacing decays by half every %(half_life)s seconds (outbox/limits.py `slowdown`).
+-- current spacing decays by half every %(half_life)s seconds (outbox/core/limits.py `slowdown`).
 WITH current AS (
     SELECT id, CASE WHEN throttled_at IS NULL OR throttle_interval_seconds IS NULL THEN 0
                     ELSE throttle_interval_seconds * power(0.5,

@@ -57,7 +57,7 @@ class Connector:
     rate_limits: tuple[str, ...] = ()
     max_recipients: int | None = None
     max_messages_per_connection: int | None = None
-    # Adaptive slow-down after throttling replies (written by the workers; outbox/limits.py)
+    # Adaptive slow-down after throttling replies (written by the workers; outbox/core/limits.py)
     throttle_interval_seconds: float | None = None
     throttled_at: datetime | None = None
 
