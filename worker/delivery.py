@@ -34,8 +34,16 @@ from worker.connector_health import ConnectorHealth, throttled
 from worker.db import db_retry
 from worker.leases import Flight, Leases
 from worker.limiter import Limiter, Seats, Slot
-from worker.outcomes import Result, after_send, crashed, finish_params, not_built, refusal, unrouted
-from worker.outcomes import decided as _decided  # the name `_waiting` has always used
+from worker.outcomes import (
+    Result,
+    after_send,
+    crashed,
+    decided,
+    finish_params,
+    not_built,
+    refusal,
+    unrouted,
+)
 from worker.prepare import Unbuildable, checked, content, envelope
 from worker.transport import ConnectorPool, Outcome, Transport
 
@@ -68,7 +76,6 @@ class Delivery:
         self.limiter = Limiter(config.redis_url, config.redis_namespace)
         self.transport = Transport(local_hostname=config.local_hostname, seats=Seats(self.limiter))
         self.configs = ConfigCache(on_reload=self.limiter.reloaded)
-        self._by_id = self.configs.by_id  # the same dict, kept current by the cache
         self.health = ConnectorHealth(pool, self.configs, self.limiter)
         self._writer_conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -214,7 +221,7 @@ class Delivery:
         """The connector's rate limits, asked just before MAIL: a slot moments away is waited
         for here (this message's coroutine only); a later one refuses (kept in `held`). The
         connector as last read (a slow-down recorded since its batch was claimed applies)."""
-        connector = self._by_id.get(connector.id, connector)
+        connector = self.configs.by_id.get(connector.id, connector)
         slot = await self.limiter.reserve(connector, max_wait_seconds=limit_wait_seconds(settings))
         if not slot.taken:
             held.append(slot)
@@ -262,7 +269,7 @@ class Delivery:
             reason=f"waiting for {what} until {until.isoformat(timespec='seconds')}",
         )
         metrics.RATE_LIMITED.labels(connector.name, kind).inc()
-        return _decided(row, connector, "waiting", decision, started, {})
+        return decided(row, connector, "waiting", decision, started, {})
 
     async def _write(self, outcomes: Sequence[Mapping[str, Any]]) -> set[int]:
         """The completer's writer: outcomes in one round trip, each only while this worker
