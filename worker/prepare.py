@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from outbox.core.errors import ValidationError
-from outbox.core.message import Attachment, build, check_envelope, check_row, render
+from outbox.core.message import Attachment, check_envelope, check_row, render_row
 from outbox.core.settings import Settings
 
 
@@ -50,7 +50,7 @@ def content(row: Mapping[str, Any], attachments: Sequence[Attachment], settings:
     data = row["content"]
     if data is None:
         try:
-            data = render(build(row, attachments, date=row["created_at"]))
+            data = render_row(row, attachments, date=row["created_at"])
         except Exception as exc:
             raise Unbuildable(f"{type(exc).__name__}: {exc}") from exc
     if len(data) > settings.max_message_bytes and not row["system_generated"]:

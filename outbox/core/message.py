@@ -1,7 +1,9 @@
 """The message model: validation at enqueue, and the one place MIME messages are built.
 
-Messages are built only with `email.message.EmailMessage` and the header registry, so a
-value can never add a header of its own; the envelope is always kept apart from headers.
+Messages are built with `email.message.EmailMessage` and the header registry, so a value can
+never add a header of its own; the common message is written directly (`render_row`) with the
+same bytes, from values that cannot hold a line break. The envelope is always kept apart from
+headers.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import email.policy
 import functools
 import mimetypes
+import random
 import re
 import sys
 import uuid
@@ -397,7 +400,7 @@ def prepare(
         send_after=send_after,
         message_id=new_message_id(c.from_addr),
     )
-    content = render(build(draft_fields(draft), files, date=datetime.now(UTC)))
+    content = render_row(draft_fields(draft), files, date=datetime.now(UTC))
     kept = content if len(content) <= MAX_STORED_CONTENT_BYTES else None
     return replace(draft, size_bytes=len(content), content=kept)
 
@@ -538,3 +541,104 @@ def build(
 def render(msg: EmailMessage) -> bytes:
     """The wire form: CRLF line ends, bodies 7-bit clean (headers too unless SMTPUTF8)."""
     return msg.as_bytes(policy=msg.policy)
+
+
+def render_row(
+    row: Mapping[str, Any], attachments: Sequence[Attachment] = (), *, date: datetime | None
+) -> bytes:
+    """The wire form of a message row: `render(build(row))`, written directly for the common
+    message (see `_plain_wire`)."""
+    if not attachments:
+        data = _plain_wire(row, date)
+        if data is not None:
+            return data
+    return render(build(row, attachments, date=date))
+
+
+# The common message written directly. Most mail is a handful of ASCII header values, plain
+# addresses and an ASCII text and/or HTML body with lines under 998 octets. For that message
+# `_plain_wire` writes the very bytes `build` + `render` write (tests compare the two over
+# generated rows), in a tenth of the time: the email package parses every value it is given,
+# builds the body through its content manager and parses its own Content-Type again. Anything
+# else -- non-ASCII, SMTPUTF8, attachments, long lines, odd spacing -- goes through `build`;
+# a header value that is not simple is made by the header registry and policy, as `build` does.
+
+_SIMPLE_VALUE = re.compile(r"[!-~]+(?: [!-~]+)*")  # printable ASCII words, single spaces
+_TEXT_HEADERS = b'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: 7bit\r\n'
+_MIME_VERSION = b"MIME-Version: 1.0\r\n"
+
+
+def _line(name: str, value: Any) -> bytes:
+    """One header line as `build` + `render` write it (value: text, or a list of addresses)."""
+    if isinstance(value, str):
+        if _SIMPLE_VALUE.fullmatch(value) and len(name) + 2 + len(value) <= POLICY.max_line_length:
+            return f"{name}: {value}\r\n".encode("ascii")
+    else:
+        joined = ", ".join(value)
+        if len(name) + 2 + len(joined) <= POLICY.max_line_length:
+            return f"{name}: {joined}\r\n".encode("ascii")
+        value = [header_address(a) for a in value]
+    return POLICY.fold_binary(name, POLICY.header_store_parse(name, value)[1])  # refuses line breaks
+
+
+@functools.lru_cache(maxsize=64)
+def _from_line(from_addr: str, from_name: str) -> bytes:
+    """The sender repeats: its line is made by the registry and policy once."""
+    return POLICY.fold_binary(
+        "From", POLICY.header_store_parse("From", header_address(from_addr, from_name))[1]
+    )
+
+
+def _body_7bit(body: str) -> bytes | None:
+    """A body as the content manager writes it 7 bit (lines joined by CRLF, one at the end),
+    or None where it would choose quoted-printable or base64."""
+    if not body.isascii():
+        return None
+    lines = body.encode("ascii").splitlines()
+    if lines and max(map(len, lines)) > POLICY.max_line_length:
+        return None
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def _boundary(*bodies: bytes) -> str:
+    """A boundary in the generator's own form that no body contains."""
+    while True:
+        boundary = "=" * 15 + f"{random.randrange(sys.maxsize):019d}=="
+        if not any(boundary.encode() in b for b in bodies):
+            return boundary
+
+
+def _plain_wire(row: Mapping[str, Any], date: datetime | None) -> bytes | None:
+    addresses = (row["from_addr"], *(row.get("to_addrs") or ()), *(row.get("cc_addrs") or ()))
+    if not all(map(_plain_address, addresses)) or (
+        row.get("reply_to") and not _plain_address(row["reply_to"])
+    ):
+        return None
+    text, html = row.get("text_body"), row.get("html_body")
+    bodies = {"plain": text, "html": html} if text is not None else {"html": html or ""}
+    parts = [(subtype, _body_7bit(body)) for subtype, body in bodies.items() if body is not None]
+    if any(data is None for _, data in parts):
+        return None
+    out = [_from_line(row["from_addr"], row.get("from_name") or "")]
+    for name, key in (("To", "to_addrs"), ("Cc", "cc_addrs")):
+        if row.get(key):
+            out.append(_line(name, row[key]))
+    if row.get("reply_to"):
+        out.append(_line("Reply-To", [row["reply_to"]]))
+    out.append(_line("Subject", row.get("subject") or ""))
+    out.append(_line("Message-ID", row["message_id"]))
+    out.append(_line("Date", _date_header(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"))
+    if row.get("importance") in _IMPORTANCE_HEADERS:
+        importance, x_priority = _IMPORTANCE_HEADERS[row["importance"]]
+        out += (_line("Importance", importance), _line("X-Priority", x_priority))
+    out += (_line(name, value) for name, value in (row.get("headers") or {}).items())
+    if len(parts) == 1:
+        ((subtype, data),) = parts
+        out += (_TEXT_HEADERS % subtype.encode(), _MIME_VERSION, b"\r\n", data)
+    else:  # multipart/alternative, as EmailMessage.add_alternative leaves it
+        (_, text_b), (_, html_b) = parts
+        b = _boundary(text_b, html_b).encode("ascii")
+        out += (_MIME_VERSION, b'Content-Type: multipart/alternative; boundary="%s"\r\n\r\n--%s\r\n' % (b, b))
+        out += (_TEXT_HEADERS % b"plain", b"\r\n", text_b, b"\r\n--%s\r\n" % b)
+        out += (_TEXT_HEADERS % b"html", _MIME_VERSION, b"\r\n", html_b, b"\r\n--%s--\r\n" % b)
+    return b"".join(out)

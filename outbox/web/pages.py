@@ -10,7 +10,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from outbox.admin import connectors, operations, report
 from outbox.core.errors import NotFoundError, ValidationError
-from outbox.core.message import Attachment, build, render
+from outbox.core.message import Attachment, render_row
 from outbox.store.sql import queries
 from outbox.web import lists
 from outbox.web.auth import CSP_SANDBOX
@@ -156,7 +156,7 @@ def message_eml(ctx: Ctx) -> Response:
             parts = [
                 Attachment(f, c, t) for f, t, c in cur.execute(Q["attachments_with_content"], {"id": m["id"]})
             ]
-        data = render(build(m | bodies, parts, date=m["created_at"]))
+        data = render_row(m | bodies, parts, date=m["created_at"])
     return Response(
         bytes(data),
         media_type="message/rfc822",

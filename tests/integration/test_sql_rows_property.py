@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from outbox.core.message import build, header_address, render
+from outbox.core.message import header_address, render_row
 from outbox.core.settings import Settings
 from tests.helpers import add_gateway
 from worker.prepare import Unbuildable, checked, envelope
@@ -179,7 +179,7 @@ def test_every_row_the_database_accepts_is_sent_as_asked_or_failed_with_a_reason
         event("failed by the worker")
         return
     event("sent")
-    raw = render(build(valid, (), date=valid["created_at"]))
+    raw = render_row(valid, (), date=valid["created_at"])
     assert_delivered_as_asked(valid, raw, envelope(valid, Settings()))
 
 
