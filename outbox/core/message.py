@@ -211,6 +211,7 @@ _PLAIN_ADDRESS = re.compile(
 _SPECIAL_USE = ("arpa", "invalid", "local", "localhost", "onion", "test")  # email-validator's
 
 
+@functools.lru_cache(maxsize=8192)  # asked again by the writer, and senders repeat
 def _plain_address(addr: str) -> bool:
     match = _PLAIN_ADDRESS.fullmatch(addr)
     if match is None or len(addr) > 254 or addr.index("@") > 64:
