@@ -90,6 +90,11 @@ class Replies(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    @property
+    def buffered(self) -> bool:
+        """A complete reply is here already: `reply` returns it without waiting."""
+        return bool(self._ready)
+
     async def reply(self) -> SMTPResponse:
         """The next reply, in order. Replies that arrived before the connection was lost are
         still returned; then the loss raises SMTPServerDisconnected."""

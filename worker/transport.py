@@ -212,12 +212,14 @@ class Exchange:
         self.mail_reply(sender, await replies.reply())
         self.phase("rcpt")
         accepted = []
-        for original in recipients:
-            timer.arm()
+        for original in recipients:  # the group's replies mostly arrive together: the timer
+            if not replies.buffered:  # moves only for a reply still to come
+                timer.arm()
             if self.rcpt_reply(original, await replies.reply()):
                 accepted.append(original)
         self.phase("data")
-        timer.arm()
+        if not replies.buffered:
+            timer.arm()
         resp = await replies.reply()
         if not accepted:
             self.outcome.phase = "rcpt"
