@@ -9,8 +9,8 @@ import time
 
 from outbox.core.resolve import Connector
 from tests.conftest import REDIS_URL
-from tests.integration.test_limits import most_in_any_window
 from tests.integration.test_transport import connector_for
+from tests.windows import most_in_any_window
 from worker import limiter as limiter_module
 from worker.limiter import Limiter
 
