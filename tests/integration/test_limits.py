@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import outbox
 from outbox.admin import connectors
@@ -301,3 +302,37 @@ def test_an_update_that_leaves_the_limits_keeps_the_slow_down(db, smtp, pipeline
     assert "slow-down" not in done.stdout
     listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
     assert listed["gw"]["slowdown"] is not None
+
+
+def test_connector_list_says_what_waiting_messages_wait_for_and_until_when(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("1/min",))
+    ids = enqueue(db, 4)
+    wait_until(
+        lambda: sorted(r[0] for r in rows(db, ids)) == ["queued"] * 3 + ["sent"],
+        step=pipeline.cycle,
+        what="one sent, three waiting",
+    )
+    # until when, as each waiting row says (`outbox show`: "waiting for rate limit 1/min until T")
+    until = max(
+        datetime.fromisoformat(e.rsplit(" until ", 1)[1]) for s, _, e in rows(db, ids) if s == "queued"
+    )
+    proc = outbox_cmd(cli_env, "connector", "list")
+    assert proc.returncode == 0
+    header, *lines = proc.stdout.splitlines()
+    assert header.split() == ["NAME", "GW", "ADDRESS", "STATE", "USAGE", "ERROR", "WAITING"]
+    gw = next(ln for ln in lines if ln.startswith("gw "))
+    assert gw.rstrip().endswith(f"3 until {until.astimezone(UTC):%H:%M:%SZ} (1/min)"), gw
+    assert max(map(len, proc.stdout.splitlines())) <= 100
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    [waiting] = listed["gw"]["waiting"]
+    assert waiting["for"] == "rate limit 1/min" and waiting["messages"] == 3
+    assert datetime.fromisoformat(waiting["until"]) == until
+    wide = outbox_cmd(cli_env, "connector", "list", "--wide").stdout
+    assert "3 until " in wide and "(1/min)" in wide
+
+    connectors.update(db, "gw", {"rate_limits": ()})  # nothing waits any more
+    for msg in ids:
+        pipeline.until_status(msg, "sent")
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["waiting"] == []
+    assert "WAITING" not in outbox_cmd(cli_env, "connector", "list").stdout
