@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"                           {100 * (f - s1) / f:8.1f} % (one call per message)")
         print(f"client CPU per message:    {100 * (cu - cf) / cf:+8.1f} % (credits)")
         print(f"                           {100 * (cs - cf) / cf:+8.1f} % (one call per message)")
+        for name, runs in (("credits", unbound), ("one call per message", single)):
+            pairs = [_ms(r) / _ms(f) - 1 for f, r in zip(free, runs, strict=True) if _ms(r) and _ms(f)]
+            print(
+                f"  {name}, each pass against its own no-limit run: "
+                f"{[f'{100 * p:+.1f} %' for p in pairs]}, median {100 * statistics.median(pairs):+.1f} %"
+            )
         for rate in args.rate:
             bound = e2e.throughput(
                 env, args.n, pre_sql=_limit(f"{rate}/s"), label="bound", timeout=args.n / rate * 3 + 60
