@@ -6,11 +6,13 @@ grant of credits, each with a weight (messages) and the end of the time in which
 messages may be admitted. Decided in one Lua script on Redis's clock (one clock for all
 hosts; every limit of a connector checked and taken atomically), in two modes:
 
-- Credits, while a limit is far from binding (its log holds under N/2 and the connector's
-  limits are large enough to share: at least CREDIT_MIN messages per CREDIT_SHARE): k
-  messages usable any time within CREDIT_SECONDS, one weighted entry, granted only if the
-  log plus k stays <= N. One call then serves many messages (k adapts to what the process
-  uses: doubled when a grant was used up, halved when not).
+- Credits, while no limit binds (no paced limit's next free time is ahead of now, and the
+  connector's limits are large enough to share: at least CREDIT_MIN messages per
+  CREDIT_SHARE): k messages usable any time within CREDIT_SECONDS, one weighted entry,
+  granted only if the log plus k stays <= N; they take k spacings of the pace. One call then
+  serves many messages (k adapts to what the process uses: doubled when a grant was used up,
+  halved when not). Workers slower than the limit keep the pace behind, so they keep taking
+  credits; faster ones push it ahead, and are paced.
 - Paced slots otherwise: one message per call at the earliest time every limit allows. A
   limit under an hour (`N/s`, `N/min`) is also paced, GCRA without burst (sends spaced at
   least T/N apart: the key holds the next free time): a fixed window would allow 2N across
@@ -123,7 +125,15 @@ for i = 1, #KEYS / 3 do
     for _, m in ipairs(gone) do w = w - weight(m) end
   end
   l.w = w
+  l.free = l.paced and tonumber(redis.call('GET', l.next) or '0') or 0
   limits[i] = l
+end
+
+-- a paced limit's next free time
+local function pace(l, free)
+  -- %.3f, not tostring: a ms timestamp in 14 digits keeps only 0.1 ms, which rounded 5.05 ms
+  -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
+  redis.call('SET', l.next, string.format('%.3f', free), 'PX', math.ceil(free - now) + 1000)
 end
 
 local function save()
@@ -160,15 +170,18 @@ local function earliest(l, s, k)
 end
 
 if want < 0 then save() return {1, '0', 0, 0} end
+-- credits while no limit binds: the pace is behind (no one is being paced) and the log has
+-- room for all of them; they take their share of the pace (k spacings)
 if want > 0 then
   local far = true
   for _, l in ipairs(limits) do
-    if not (l.w < l.n / 2 and l.w + want <= l.n) then far = false end
+    if l.w + want > l.n or l.free > now then far = false end
   end
   if far then
     for _, l in ipairs(limits) do
       redis.call('ZADD', l.log, now + credit_ms, want .. '|' .. token)
       l.w = l.w + want
+      if l.paced then pace(l, now + want * l.spacing) end
     end
     save()
     return {1, '0', 0, want}
@@ -176,10 +189,7 @@ if want > 0 then
 end
 local at, which = now, 0
 for i, l in ipairs(limits) do
-  if l.paced then
-    local free = tonumber(redis.call('GET', l.next) or '0')
-    if free > at then at, which = free, i end
-  end
+  if l.free > at then at, which = l.free, i end
 end
 local s = at
 for i, l in ipairs(limits) do
@@ -191,12 +201,7 @@ if wait > max_wait then save() return {0, tostring(wait), which, 0} end
 for _, l in ipairs(limits) do
   redis.call('ZADD', l.log, s + l.late, '1|' .. token)
   l.w = l.w + 1
-  if l.paced then
-    -- %.3f, not tostring: a ms timestamp in 14 digits keeps only 0.1 ms, which rounded 5.05 ms
-    -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
-    local free = s + l.spacing
-    redis.call('SET', l.next, string.format('%.3f', free), 'PX', math.ceil(free - now) + 1000)
-  end
+  if l.paced then pace(l, s + l.spacing) end
 end
 save()
 return {1, tostring(wait), which, 0}
