@@ -344,10 +344,12 @@ class Limiter:
         held = self._credits.get(connector.id)
         if held is None or held.rates != rates:  # a grant for other limits settles on its own
             held = self._credits[connector.id] = _Credits(rates)
+        # credits were taken at the faster pace: a slow-down settles them at the next call
+        if slowed is None and held.take(time.monotonic()):
+            return FREE  # (no await since the check: no other coroutine ran meanwhile)
         async with held.lock:  # one call at a time per connector: the others use its credits
-            # credits were taken at the faster pace: a slow-down settles them at the next call
             if slowed is None and held.take(time.monotonic()):
-                return FREE
+                return FREE  # credits granted while this one waited for the lock
             return await self._ask(connector, held, max_wait_seconds, slowed)
 
     async def _ask(
