@@ -17,7 +17,9 @@ hosts; every limit of a connector checked and taken atomically), in two modes:
   limit under an hour (`N/s`, `N/min`) is also paced, GCRA without burst (sends spaced at
   least T/N apart: the key holds the next free time): a fixed window would allow 2N across
   its boundary, and so would a token bucket of burst N; even spacing also keeps the server's
-  own count (taken at arrival, a few ms later) honest. An hour and longer (`N/h`, `N/day`)
+  own count (taken at arrival, a few ms later) honest; slots nobody was ready for are lost
+  once older than the guard's share of the interval (senders that fell behind catch up that
+  much, no more: the log still holds N). An hour and longer (`N/h`, `N/day`)
   only the log: bursts are fine there (a day cap must not spread 10,000 messages evenly over
   24 hours).
 
@@ -102,7 +104,7 @@ for i = 1, #KEYS / 3 do
   local ms, n = tonumber(ARGV[b + 3]) * 1000, tonumber(ARGV[b + 2])
   local l = {log = KEYS[3 * i - 2], total = KEYS[3 * i - 1], next = KEYS[3 * i], n = n,
              paced = ARGV[b + 1] == 'p', reach = ms * (1 + guard / 2), late = ms * guard / 2,
-             spacing = ms * (1 + guard) / n}
+             spacing = ms * (1 + guard) / n, lag = ms * guard}
   local w = tonumber(redis.call('GET', l.total) or '-1')
   if old ~= '' then  -- the caller's credits before: shrink their entry to what was used
     local e = redis.call('ZSCORE', l.log, old)
@@ -129,11 +131,12 @@ for i = 1, #KEYS / 3 do
   limits[i] = l
 end
 
--- a paced limit's next free time
+-- a paced limit's next free time: slots nobody took are lost only when older than `lag`
+-- (the guard's share of the interval), so senders that fell behind catch up a few
 local function pace(l, free)
   -- %.3f, not tostring: a ms timestamp in 14 digits keeps only 0.1 ms, which rounded 5.05 ms
   -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
-  redis.call('SET', l.next, string.format('%.3f', free), 'PX', math.ceil(free - now) + 1000)
+  redis.call('SET', l.next, string.format('%.3f', free), 'PX', math.max(1, math.ceil(free - now) + 1000))
 end
 
 local function save()
@@ -181,7 +184,7 @@ if want > 0 then
     for _, l in ipairs(limits) do
       redis.call('ZADD', l.log, now + credit_ms, want .. '|' .. token)
       l.w = l.w + want
-      if l.paced then pace(l, now + want * l.spacing) end
+      if l.paced then pace(l, math.max(l.free, now - l.lag) + want * l.spacing) end
     end
     save()
     return {1, '0', 0, want}
@@ -201,7 +204,7 @@ if wait > max_wait then save() return {0, tostring(wait), which, 0} end
 for _, l in ipairs(limits) do
   redis.call('ZADD', l.log, s + l.late, '1|' .. token)
   l.w = l.w + 1
-  if l.paced then pace(l, s + l.spacing) end
+  if l.paced then pace(l, math.max(l.free, s - l.lag) + l.spacing) end
 end
 save()
 return {1, tostring(wait), which, 0}
