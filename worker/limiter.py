@@ -14,14 +14,13 @@ hosts; every limit of a connector checked and taken atomically), in two modes:
   halved when not). Workers slower than the limit keep the pace behind, so they keep taking
   credits; faster ones push it ahead, and are paced.
 - Paced slots otherwise: one message per call at the earliest time every limit allows. A
-  limit under an hour (`N/s`, `N/min`) is also paced, GCRA without burst (sends spaced at
-  least T/N apart: the key holds the next free time): a fixed window would allow 2N across
-  its boundary, and so would a token bucket of burst N; even spacing also keeps the server's
-  own count (taken at arrival, a few ms later) honest; slots nobody was ready for are lost
-  once older than the guard's share of the interval (senders that fell behind catch up that
-  much, no more: the log still holds N). An hour and longer (`N/h`, `N/day`)
-  only the log: bursts are fine there (a day cap must not spread 10,000 messages evenly over
-  24 hours).
+  limit under an hour (`N/s`, `N/min`) is also paced, GCRA (sends spaced at least T/N apart:
+  the key holds the next free time): a fixed window would allow 2N across its boundary, and
+  so would a token bucket of burst N; even spacing also keeps the server's own count (taken
+  at arrival, a few ms later) honest. Slots nobody was ready for are lost once older than
+  the guard's share of the interval (senders that fell behind catch up that much, no more:
+  the log still holds N). An hour and longer (`N/h`, `N/day`) only the log: bursts are fine
+  there (a day cap must not spread 10,000 messages evenly over 24 hours).
 
 Why any interval holds at most N: a slot or grant is entered only if the weights of the
 entries that end within REACH before its start, plus its own, stay <= N. Take any interval of
@@ -269,7 +268,7 @@ class _Credits:
     @property
     def most(self) -> int:
         """The largest grant (0: no credits for these limits)."""
-        most = min(math.floor(r.count * CREDIT_SHARE) for r in self.rates)
+        most = min((math.floor(r.count * CREDIT_SHARE) for r in self.rates), default=0)
         return most if CREDITS and most >= CREDIT_MIN else 0
 
     def take(self, now: float) -> bool:
