@@ -1,12 +1,12 @@
 """Provider limits (issue 18): what the rate limiter costs, and how exactly it holds a rate.
 
-    .venv/bin/python -m bench.limits [--n 2000] [--rate 200] [--runs 3]
+    .venv/bin/python -m bench.limits [--n 2000] [--rate 200 [1000 …]] [--runs 3]
 
 End to end, like bench.run (its template, sink and `outbox run --until-idle`; each run in its
 own database and Redis namespace, dropped after): N messages through the sink's connector
-1. without a rate limit, 2. with one that never binds (1000000/s), slots taken in batches
-(the default), 2b. the same with one slot per Redis round trip (OUTBOX_RATE_LIMIT_BATCH=1, as
-before batching), and 3. with `--rate` per second; prints the throughput of 1, 2 and 2b (the
+1. without a rate limit, 2. with one that never binds (1000000/s), credits for many messages
+per Redis round trip (the default), 2b. the same with one call per message
+(OUTBOX_RATE_LIMIT_CREDITS=0), and 3. with `--rate` per second; prints the throughput of 1, 2 and 2b (the
 limiter's overhead) and the achieved rate of 3 (first to last `sent_at`) against the
 configured one, and the client CPU per message (the `outbox run` process tree) of 1, 2 and 2b:
 on a shared machine the CPU per message is steadier than the throughput. Prints figures;
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=2000, help="messages per run")
-    parser.add_argument("--rate", type=int, default=200, help="the binding limit, messages per second")
+    parser.add_argument(
+        "--rate", type=int, nargs="+", default=[200], help="the binding limits, messages per second"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of the overhead pair (median)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("OUTBOX_BENCH_PG", PG_ADMIN_DEFAULT))
     parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_BENCH_REDIS", REDIS_DEFAULT))
@@ -67,32 +69,39 @@ def main(argv: list[str] | None = None) -> int:
                     args.n,
                     pre_sql=_limit("1000000/s"),
                     label="single",
-                    extra_env={"OUTBOX_RATE_LIMIT_BATCH": "1"},
+                    extra_env={"OUTBOX_RATE_LIMIT_CREDITS": "0"},
                 )
             )
         f, u, s1 = (statistics.median(r.steady_rate for r in runs) for runs in (free, unbound, single))
         cf, cu, cs = (_cpu(runs) for runs in (free, unbound, single))
         for name, rate, cpu, runs in (
             ("no rate limit:          ", f, cf, free),
-            ("1000000/s, batches:     ", u, cu, unbound),
-            ("1000000/s, one per trip:", s1, cs, single),
+            ("1000000/s, credits:     ", u, cu, unbound),
+            ("1000000/s, one per call:", s1, cs, single),
         ):
             print(
                 f"{name}   {rate:8.0f} msg/s  (median: {[round(r.steady_rate) for r in runs]}); "
                 f"client CPU {cpu:.3f} ms/msg (median: {[_ms(r) for r in runs]})"
             )
-        print(f"limiter overhead:          {100 * (f - u) / f:8.1f} % of throughput (batches)")
-        print(f"                           {100 * (f - s1) / f:8.1f} % (one slot per round trip)")
-        print(f"client CPU per message:    {100 * (cu - cf) / cf:+8.1f} % (batches)")
-        print(f"                           {100 * (cs - cf) / cf:+8.1f} % (one slot per round trip)")
-        bound = e2e.throughput(
-            env, args.n, pre_sql=_limit(f"{args.rate}/s"), label="bound", timeout=args.n / args.rate * 3 + 60
-        )
-        achieved = bound.steady_rate
-        print(
-            f"{args.rate}/s over {args.n} messages: achieved {achieved:.1f} msg/s "
-            f"({100 * (achieved - args.rate) / args.rate:+.1f} % against the limit)"
-        )
+        print(f"limiter overhead:          {100 * (f - u) / f:8.1f} % of throughput (credits)")
+        print(f"                           {100 * (f - s1) / f:8.1f} % (one call per message)")
+        print(f"client CPU per message:    {100 * (cu - cf) / cf:+8.1f} % (credits)")
+        print(f"                           {100 * (cs - cf) / cf:+8.1f} % (one call per message)")
+        for name, runs in (("credits", unbound), ("one call per message", single)):
+            pairs = [_ms(r) / _ms(f) - 1 for f, r in zip(free, runs, strict=True) if _ms(r) and _ms(f)]
+            print(
+                f"  {name}, each pass against its own no-limit run: "
+                f"{[f'{100 * p:+.1f} %' for p in pairs]}, median {100 * statistics.median(pairs):+.1f} %"
+            )
+        for rate in args.rate:
+            bound = e2e.throughput(
+                env, args.n, pre_sql=_limit(f"{rate}/s"), label="bound", timeout=args.n / rate * 3 + 60
+            )
+            achieved = bound.steady_rate
+            print(
+                f"{rate}/s over {args.n} messages: achieved {achieved:.1f} msg/s "
+                f"({100 * (achieved - rate) / rate:+.1f} % against the limit)"
+            )
     finally:
         env.cleanup()
         dbs.drop_all()

@@ -235,7 +235,7 @@ class Delivery:
                 await asyncio.sleep(slot.wait_seconds)
             finally:
                 waiting.dec()
-        elif slot.wait_seconds > 0:  # a slot of a batch, moments away: no limit binds
+        elif slot.wait_seconds > 0:  # a slot moments away: no limit binds
             await asyncio.sleep(slot.wait_seconds)
         return True
 

@@ -1,33 +1,48 @@
 """Rate limits per connector, shared by every worker process and host through Redis.
 
 The promise: over ANY interval of a limit's length, at most N messages are handed to the
-server. Two shapes, chosen by the interval, both decided in one Lua script on Redis's clock
-(one clock for all hosts; every limit of a connector checked and taken atomically):
+server. Every limit keeps a log on Redis (a sorted set): one entry per admission, or per
+grant of credits, each with a weight (messages) and the end of the time in which those
+messages may be admitted. Decided in one Lua script on Redis's clock (one clock for all
+hosts; every limit of a connector checked and taken atomically), in two modes:
 
-- Pacing (intervals under an hour: `N/s`, `N/min`): GCRA without burst. Sends are spaced at
-  least T/N apart (the key holds the next free time), so any interval of T holds at most N.
-  A fixed window would allow 2N across its boundary, and so would a token bucket of burst N;
-  even spacing also keeps the server's own count (taken at arrival, a few ms later) honest.
-- A sliding log (an hour and longer: `N/h`, `N/day`): a sorted set of send times, at most N
-  within any T. Bursts are fine here (a day cap must not spread 10,000 messages evenly over
-  24 hours), and the log stays small enough (N entries).
+- Credits, while no limit binds (no paced limit's next free time is ahead of now, and the
+  connector's limits are large enough to share: at least CREDIT_MIN messages per
+  CREDIT_SHARE): k messages usable any time within CREDIT_SECONDS, one weighted entry,
+  granted only if the log plus k stays <= N; they take k spacings of the pace. One call then
+  serves many messages (k adapts to what the process uses: doubled when a grant was used up,
+  halved when not). Workers slower than the limit keep the pace behind, so they keep taking
+  credits; faster ones push it ahead, and are paced.
+- Paced slots otherwise: one message per call at the earliest time every limit allows. A
+  limit under an hour (`N/s`, `N/min`) is also paced, GCRA (sends spaced at least T/N apart:
+  the key holds the next free time): a fixed window would allow 2N across its boundary, and
+  so would a token bucket of burst N; even spacing also keeps the server's own count (taken
+  at arrival, a few ms later) honest. Slots nobody was ready for are lost once older than
+  the guard's share of the interval (senders that fell behind catch up that much, no more:
+  the log still holds N). An hour and longer (`N/h`, `N/day`) only the log: bursts are fine
+  there (a day cap must not spread 10,000 messages evenly over 24 hours).
+
+Why any interval holds at most N: a slot or grant is entered only if the weights of the
+entries that end within REACH before its start, plus its own, stay <= N. Take any interval of
+REACH and, among the entries whose time overlaps it, the one entered last: every other one
+ends after its start minus REACH, so its check counted them all. Entries only ever shrink
+afterwards (`settle`), never grow.
 
 Each interval is counted a little long (`GUARD`, 1 %): the server counts arrivals, not our
-reservations, and a message reserved at the edge of a window can arrive a few ms into the
-next one. The achieved rate is therefore ~99 % of the configured one.
+admissions, and a message admitted at the edge of a window can arrive a few ms into the next
+one. A paced slot may be used up to half of it late (its entry lasts that long); REACH is the
+interval plus that half, so the pace (T/N plus the guard) fits the log exactly. The achieved
+rate is therefore ~99 % of the configured one.
 
-Batches: one script call may take several paced slots at once (`k`, evenly spaced, held in
-the process for the next messages of that connector), so a limit that does not bind costs a
-Redis round trip per batch, not per message. A slot is used at its time or, if no message
-took it within TOLERANCE of it, dropped (never used late: a late send could crowd the next
-interval); unused slots only lower the rate. The batch grows (doubling, at most
-LOOKAHEAD_SECONDS of slots and BATCH_MAX) while every slot is used, and halves when some were
-dropped. Only connectors whose limits are all paced batch (a sliding log takes one at a time).
+Credits are settled with Redis when they are done: piggybacked on the process's next call for
+that connector, or on their own call when some were left unused at the end of their time;
+the entry then shrinks to what was used, and when (the next ones get the room back, and
+`connector list` counts messages, not unused credits).
 
-A send asks for the earliest time it may go (`reserve`). Within `max_wait_seconds` the slot
-is taken and the message's own coroutine sleeps until then (other messages, of this connector
-or others, run meanwhile); beyond it nothing is taken and the message goes back to the queue,
-due shortly before its window opens (see `outbox/core/policy.py` `waiting`).
+A paced send asks for the earliest time it may go (`reserve`). Within `max_wait_seconds` the
+slot is taken and the message's own coroutine sleeps until then (other messages, of this
+connector or others, run meanwhile); beyond it nothing is taken and the message goes back to
+the queue, due shortly before its window opens (see `outbox/core/policy.py` `waiting`).
 
 If Redis cannot be reached the message is sent (mail is never held for the limiter's sake);
 losing Redis's keys forgets the log: at worst one extra window's worth goes out.
@@ -41,7 +56,6 @@ import math
 import os
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,105 +72,155 @@ from worker import metrics
 log = logs.get("outbox.worker")
 
 GUARD = 0.01  # each interval counted 1 % long (see the module's docstring)
-LOG_FROM_SECONDS = 3600  # intervals this long or longer: a sliding log; shorter: pacing
+LOG_FROM_SECONDS = 3600  # intervals this long or longer: the log only; shorter: paced too
 LOG_EVERY_SECONDS = 30.0  # at most one warning this often while Redis cannot be reached
-# Slots taken per script call, at most (1: a round trip per message, as before batching);
-# OUTBOX_RATE_LIMIT_BATCH overrides it (bench/limits.py compares the two).
-BATCH_MAX = max(1, int(os.environ.get("OUTBOX_RATE_LIMIT_BATCH", "64")))
-LOOKAHEAD_SECONDS = 0.05  # a batch reaches at most this far ahead of now
-TOLERANCE = GUARD / 2  # a slot not taken within this share of the interval's length is dropped
+CREDIT_SECONDS = 0.1  # credits are usable this long after the call that took them
+CREDIT_SHARE = 0.01  # one grant is at most this share of each limit's N ...
+CREDIT_MIN = 2  # ... and credits are handed out only if that share is at least this many
+# OUTBOX_RATE_LIMIT_CREDITS=0: no credits, one call per message (bench/limits.py compares)
+CREDITS = os.environ.get("OUTBOX_RATE_LIMIT_CREDITS", "1") != "0"
 # A slot this close is taken at once, not slept for (the guard absorbs a send this early).
 EARLY_SECONDS = 0.001
 
-# KEYS: one per limit. ARGV: max_wait_ms, guard, member, slots wanted, then per limit: kind,
-# count, seconds. Returns {taken (1/0), wait in ms as a string, the binding limit's index from
-# 1 (0: none), slots taken, their spacing in ms as a string}: slot j (from 0) is at
-# wait + j * spacing. Several slots only when every limit is paced and none binds now.
+# KEYS: three per limit: its log (a sorted set; member `weight|token`, score: when the
+# admissions it stands for end, ms on Redis's clock), the log's total weight, the next free
+# time (paced limits). ARGV: max_wait_ms, guard, token, credits wanted (0: a paced slot;
+# -1: settle only), credit_ms, then the grant to settle ('' if none), its weight, how many of
+# it were used, within how many ms of its start; then per limit: kind, count, seconds.
+# Returns {taken (1/0), wait in ms as a string, the binding limit's index from 1 (0: none),
+# credits granted (0: a paced slot at `wait`)}.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local max_wait = tonumber(ARGV[1])
-local guard = tonumber(ARGV[2])
-local member = ARGV[3]
-local k = tonumber(ARGV[4])
+local max_wait, guard, token = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local want, credit_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local old, old_k, used, used_ms = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local function weight(member) return tonumber(string.match(member, '^(%d+)|')) end
+
+local limits = {}
+for i = 1, #KEYS / 3 do
+  local b = 9 + (i - 1) * 3
+  local ms, n = tonumber(ARGV[b + 3]) * 1000, tonumber(ARGV[b + 2])
+  local l = {log = KEYS[3 * i - 2], total = KEYS[3 * i - 1], next = KEYS[3 * i], n = n,
+             paced = ARGV[b + 1] == 'p', reach = ms * (1 + guard / 2), late = ms * guard / 2,
+             spacing = ms * (1 + guard) / n, lag = ms * guard}
+  local w = tonumber(redis.call('GET', l.total) or '-1')
+  if old ~= '' then  -- the caller's credits before: shrink their entry to what was used
+    local e = redis.call('ZSCORE', l.log, old)
+    if e then
+      redis.call('ZREM', l.log, old)
+      w = w - old_k
+      if used > 0 then
+        local ends = math.min(tonumber(e), tonumber(e) - credit_ms + used_ms)
+        redis.call('ZADD', l.log, ends, used .. string.match(old, '|.*$'))
+        w = w + used
+      end
+    end
+  end
+  local gone = redis.call('ZRANGEBYSCORE', l.log, '-inf', now - l.reach)
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', l.log, '-inf', now - l.reach) end
+  if w < 0 then  -- the total was lost: count it again
+    w = 0
+    for _, m in ipairs(redis.call('ZRANGE', l.log, 0, -1)) do w = w + weight(m) end
+  else
+    for _, m in ipairs(gone) do w = w - weight(m) end
+  end
+  l.w = w
+  l.free = l.paced and tonumber(redis.call('GET', l.next) or '0') or 0
+  limits[i] = l
+end
+
+-- a paced limit's next free time: slots nobody took are lost only when older than `lag`
+-- (the guard's share of the interval), so senders that fell behind catch up a few
+local function pace(l, free)
+  -- %.3f, not tostring: a ms timestamp in 14 digits keeps only 0.1 ms, which rounded 5.05 ms
+  -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
+  redis.call('SET', l.next, string.format('%.3f', free), 'PX', math.max(1, math.ceil(free - now) + 1000))
+end
+
+local function save()
+  for _, l in ipairs(limits) do
+    local last = redis.call('ZRANGE', l.log, -1, -1, 'WITHSCORES')
+    if #last == 0 then
+      redis.call('DEL', l.total)
+    else
+      local ttl = math.ceil(tonumber(last[2]) - now + l.reach) + 1000
+      redis.call('PEXPIRE', l.log, ttl)
+      redis.call('SET', l.total, l.w, 'PX', ttl)
+    end
+  end
+end
+
+-- the earliest time from s at which this limit's log leaves room for k more: entries are
+-- walked oldest first until those ending after (time - reach) weigh <= n - k
+local function earliest(l, s, k)
+  if l.w + k <= l.n then return s end
+  local removed, i = 0, 0
+  while true do
+    local page = redis.call('ZRANGE', l.log, i, i + 63, 'WITHSCORES')
+    if #page == 0 then return s end
+    for j = 1, #page, 2 do
+      local e = tonumber(page[j + 1])
+      if e > s - l.reach then
+        if l.w - removed + k <= l.n then return s end
+        s = e + l.reach
+      end
+      removed = removed + weight(page[j])
+    end
+    i = i + 64
+  end
+end
+
+if want < 0 then save() return {1, '0', 0, 0} end
+-- credits while no limit binds: the pace is behind (no one is being paced) and the log has
+-- room for all of them; they take their share of the pace (k spacings)
+if want > 0 then
+  local far = true
+  for _, l in ipairs(limits) do
+    if l.w + want > l.n or l.free > now then far = false end
+  end
+  if far then
+    for _, l in ipairs(limits) do
+      redis.call('ZADD', l.log, now + credit_ms, want .. '|' .. token)
+      l.w = l.w + want
+      if l.paced then pace(l, math.max(l.free, now - l.lag) + want * l.spacing) end
+    end
+    save()
+    return {1, '0', 0, want}
+  end
+end
 local at, which = now, 0
-for i, key in ipairs(KEYS) do
-  local b = 4 + (i - 1) * 3
-  local kind, n = ARGV[b + 1], tonumber(ARGV[b + 2])
-  local span = tonumber(ARGV[b + 3]) * 1000 * (1 + guard)
-  if kind == 'p' then
-    local tat = tonumber(redis.call('GET', key) or '0')
-    if tat > at then at, which = tat, i end
-  else
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - span)
-    local card = redis.call('ZCARD', key)
-    if card >= n then
-      local e = redis.call('ZRANGE', key, card - n, card - n, 'WITHSCORES')
-      if tonumber(e[2]) + span > at then at, which = tonumber(e[2]) + span, i end
-    end
-    if card > 0 then
-      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-      if tonumber(last[2]) > at then at, which = tonumber(last[2]), i end
-    end
-  end
+for i, l in ipairs(limits) do
+  if l.free > at then at, which = l.free, i end
 end
-local wait = at - now
-if wait > max_wait then return {0, tostring(wait), which, 0, '0'} end
-local spacing = 0
-for i, key in ipairs(KEYS) do
-  local b = 4 + (i - 1) * 3
-  local kind, n = ARGV[b + 1], tonumber(ARGV[b + 2])
-  local span = tonumber(ARGV[b + 3]) * 1000 * (1 + guard)
-  if kind == 'p' then spacing = math.max(spacing, span / n) else k = 1 end
+local s = at
+for i, l in ipairs(limits) do
+  local e = earliest(l, at, 1)
+  if e > s then s, which = e, i end
 end
-if which > 0 then k = 1 end  -- a limit binds now: one at a time, exactly as paced
-if k > 1 then k = math.max(1, math.min(k, math.floor((max_wait - wait) / spacing) + 1)) end
-local last = at + (k - 1) * spacing
-for i, key in ipairs(KEYS) do
-  local b = 4 + (i - 1) * 3
-  local kind, n = ARGV[b + 1], tonumber(ARGV[b + 2])
-  local span = tonumber(ARGV[b + 3]) * 1000 * (1 + guard)
-  if kind == 'p' then
-    -- %.3f, not tostring: a ms timestamp in 14 digits keeps only 0.1 ms, which rounded 5.05 ms
-    -- spacings (200/s with the guard) to 5.0 and lost the guard at high rates
-    local tat = last + span / n
-    redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
-    -- usage, for `connector list`: slots taken per tenth of the interval (see USAGE)
-    local width = tonumber(ARGV[b + 3]) * 100
-    local bucket = key .. ':u:' .. math.floor(at / width)
-    redis.call('INCRBY', bucket, k)
-    redis.call('PEXPIRE', bucket, math.ceil(width * 12))
-  else
-    redis.call('ZADD', key, at, member)
-    redis.call('PEXPIRE', key, math.ceil(wait + span) + 1000)
-  end
+local wait = s - now
+if wait > max_wait then save() return {0, tostring(wait), which, 0} end
+for _, l in ipairs(limits) do
+  redis.call('ZADD', l.log, s + l.late, '1|' .. token)
+  l.w = l.w + 1
+  if l.paced then pace(l, math.max(l.free, s - l.lag) + l.spacing) end
 end
-return {1, tostring(wait), which, k, tostring(spacing)}
+save()
+return {1, tostring(wait), which, 0}
 """
 
-# `connector list`'s usage: slots taken within the last interval of each limit, and sessions
-# open. KEYS: one per limit (as RESERVE), then the sessions' set. ARGV: per limit: kind,
-# seconds. Paced limits count slots per tenth of the interval (RESERVE's `:u:` buckets): the
-# last ten tenths, the oldest weighted by how much of it is still inside the interval. A
-# sliding log counts its entries (those reserved moments ahead included). Returns the counts
-# as strings, the sessions' last.
+# `connector list`'s usage: messages within the last interval of each limit (the weights of
+# its log's entries that end within it, those reserved moments ahead and credits not yet
+# settled included), and sessions open. KEYS: each limit's log, then the sessions' set. ARGV:
+# per limit: seconds. Returns the counts as strings, the sessions' last.
 USAGE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local out = {}
 for i = 1, #KEYS - 1 do
-  local kind, seconds = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
   local used = 0
-  if kind == 'p' then
-    local width = seconds * 100
-    local cb = math.floor(now / width)
-    for b = cb - 9, cb do
-      used = used + tonumber(redis.call('GET', KEYS[i] .. ':u:' .. b) or '0')
-    end
-    local oldest = tonumber(redis.call('GET', KEYS[i] .. ':u:' .. (cb - 10)) or '0')
-    used = used + oldest * ((cb + 1) * width - now) / width
-  else
-    used = redis.call('ZCOUNT', KEYS[i], '(' .. (now - seconds * 1000), '+inf')
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (now - tonumber(ARGV[i]) * 1000), '+inf')) do
+    used = used + tonumber(string.match(m, '^(%d+)|'))
   end
   table.insert(out, tostring(used))
 end
@@ -188,43 +252,49 @@ FREE = Slot(True, 0.0)
 
 
 @dataclass
-class _Reserved:
-    """A connector's slots taken in this process and not used yet (local monotonic times)."""
+class _Credits:
+    """A connector's credits in this process: the last grant, until it is settled with Redis."""
 
     rates: tuple[Rate, ...]
-    slots: deque[float] = field(default_factory=deque)
-    binding: Rate | None = None
-    batch: int = 1
-    dropped: bool = False
+    want: int = 1  # credits to ask for next
+    member: str = ""  # the grant's log entry ("" when settled)
+    keys: list[str] = field(default_factory=list)  # the logs it was entered in
+    granted: int = 0
+    used: int = 0
+    sent_at: float = 0.0  # time.monotonic() when its call was sent (before Redis's start)
+    last_use: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
-    def tolerance(self) -> float:
-        return min(r.seconds for r in self.rates) * TOLERANCE
-
-    @property
     def most(self) -> int:
-        """The largest batch: LOOKAHEAD_SECONDS of slots; 1 with a sliding log."""
-        if any(_kind(r) == "l" for r in self.rates):
-            return 1
-        spacing = max(r.seconds * (1 + GUARD) / r.count for r in self.rates)
-        return max(1, min(BATCH_MAX, math.floor(LOOKAHEAD_SECONDS / spacing)))
+        """The largest grant (0: no credits for these limits)."""
+        most = min((math.floor(r.count * CREDIT_SHARE) for r in self.rates), default=0)
+        return most if CREDITS and most >= CREDIT_MIN else 0
 
-    def take(self, now: float) -> Slot | None:
-        """The next slot held here, if one is not stale."""
-        while self.slots and self.slots[0] < now - self.tolerance:
-            self.slots.popleft()
-            self.dropped = True
-        if not self.slots:
-            return None
-        return Slot(True, _wait(self.slots.popleft() - now), self.binding)
+    def take(self, now: float) -> bool:
+        """One credit of the grant held, if it has one left and its time is not over."""
+        if self.member and self.used < self.granted and now <= self.sent_at + CREDIT_SECONDS:
+            self.used += 1
+            self.last_use = now
+            return True
+        return False
 
-    def wanted(self) -> int:
-        """Slots to ask for now: twice as many as last time when all were used, half when
-        some were dropped."""
-        self.batch = max(1, self.batch // 2) if self.dropped else min(self.most, self.batch * 2)
-        self.dropped = False
-        return min(self.batch, self.most)
+    def granted_now(self, member: str, k: int, keys: list[str], sent_at: float) -> None:
+        """A grant of k credits, the first used at once."""
+        self.member, self.granted, self.keys, self.sent_at = member, k, keys, sent_at
+        self.used, self.last_use = 1, time.monotonic()
+
+    def settle(self) -> list[str | int]:
+        """The grant held, as RESERVE's settle arguments, and forget it (no credit of it is used
+        after this); the next grant doubles after one used up, halves after one that was not."""
+        if not self.member:
+            return ["", 0, 0, 0]
+        used_ms = f"{(self.last_use - self.sent_at) * 1000 + 0.001:.3f}"
+        args: list[str | int] = [self.member, self.granted, self.used, used_ms]
+        full = self.used >= self.granted
+        self.want = min(self.most, self.want * 2) if full else max(1, self.want // 2)
+        self.member = ""
+        return args
 
 
 class Limiter:
@@ -235,7 +305,8 @@ class Limiter:
         self._client = redis.asyncio.Redis.from_url(redis_url, **REDIS_OPTIONS)
         self._script = self._client.register_script(RESERVE)
         self._warned_at = -LOG_EVERY_SECONDS
-        self._reserved: dict[int, _Reserved] = {}
+        self._credits: dict[int, _Credits] = {}
+        self._expiring: set[asyncio.Task[None]] = set()
         # slow-downs recorded by this process: (spacing, when, time.monotonic() when recorded)
         self._slowed: dict[int, tuple[float, datetime, float]] = {}
 
@@ -266,52 +337,76 @@ class Limiter:
 
     async def reserve(self, connector: Connector, *, max_wait_seconds: float) -> Slot:
         """The earliest time this connector may take one more message, taken if it is within
-        `max_wait_seconds`: a slot held in this process, or a new batch from Redis. A
-        connector without rate limits (nor a slow-down) never asks Redis."""
+        `max_wait_seconds`: a credit held in this process, or a call to Redis. A connector
+        without rate limits (nor a slow-down) never asks Redis."""
         rates = _rates(connector.rate_limits)
         slowed = self.slowed(connector)
         if not rates and slowed is None:
             return FREE
-        held = self._reserved.get(connector.id)
-        if held is None or held.rates != rates:
-            held = self._reserved[connector.id] = _Reserved(rates)
-        async with held.lock:  # one call at a time per connector: the others take its slots
-            if slowed is not None:  # slots held were taken at the faster pace
-                held.slots.clear()
-            else:
-                slot = held.take(time.monotonic())
-                if slot is not None:
-                    return slot
+        held = self._credits.get(connector.id)
+        if held is None or held.rates != rates:  # a grant for other limits settles on its own
+            held = self._credits[connector.id] = _Credits(rates)
+        # credits were taken at the faster pace: a slow-down settles them at the next call
+        if slowed is None and held.take(time.monotonic()):
+            return FREE  # (no await since the check: no other coroutine ran meanwhile)
+        async with held.lock:  # one call at a time per connector: the others use its credits
+            if slowed is None and held.take(time.monotonic()):
+                return FREE  # credits granted while this one waited for the lock
             return await self._ask(connector, held, max_wait_seconds, slowed)
 
     async def _ask(
-        self, connector: Connector, held: _Reserved, max_wait_seconds: float, slowed: float | None
+        self, connector: Connector, held: _Credits, max_wait_seconds: float, slowed: float | None
     ) -> Slot:
         rates = held.rates
-        want = held.wanted() if slowed is None else 1
-        args: list[str | int | float] = [max_wait_seconds * 1000, GUARD, uuid.uuid4().hex, want]
+        settle = held.settle()  # first: it sets how many credits to ask for
+        want = held.want if slowed is None and held.most else 0
         keys = self.keys(connector, rates)
-        for r in rates:
-            args += [_kind(r), r.count, r.seconds]
+        token = uuid.uuid4().hex[:16]
+        args = [
+            max_wait_seconds * 1000,
+            GUARD,
+            token,
+            want,
+            CREDIT_SECONDS * 1000,
+            *settle,
+            *_limit_args(rates),
+        ]
         if slowed is not None:  # one more paced limit: one message per `slowed` seconds
             args += ["p", 1, slowed]
-            keys.append(f"{self.namespace}:limit:{{{connector.id}}}:slow:p")
+            keys += _limit_keys(_key(self.namespace, connector, "slow"))
+        sent_at = time.monotonic()
         try:
-            taken, wait_ms, which, k, spacing_ms = await self._script(keys=keys, args=args)
+            taken, wait_ms, which, k = await self._script(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
             self.unreachable(connector, exc)
             return FREE
-        now = time.monotonic()
+        if int(k):
+            held.granted_now(f"{int(k)}|{token}", int(k), keys, sent_at)
+            self._expire_later(connector, held)
+            return FREE
         wait = _wait(float(wait_ms) / 1000)
         which = int(which)
         binding = rates[which - 1] if 0 < which <= len(rates) else None
         slow = slowed if which > len(rates) else None
-        if not int(taken):
-            return Slot(False, wait, binding, slow)
-        spacing = float(spacing_ms) / 1000
-        held.binding = binding
-        held.slots.extend(now + wait + j * spacing for j in range(1, int(k)))
-        return Slot(True, wait, binding, slow)
+        return Slot(bool(int(taken)), wait, binding, slow)
+
+    def _expire_later(self, connector: Connector, held: _Credits) -> None:
+        """When the grant's time is over, settle it if some of it was left unused and no later
+        call has settled it meanwhile."""
+        task = asyncio.get_running_loop().create_task(self._expire(connector, held, held.member))
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
+
+    async def _expire(self, connector: Connector, held: _Credits, member: str) -> None:
+        await asyncio.sleep(CREDIT_SECONDS)
+        async with held.lock:
+            if held.member != member or held.used >= held.granted:
+                return
+            args = [0, GUARD, "", -1, CREDIT_SECONDS * 1000, *held.settle(), *_limit_args(held.rates)]
+            try:
+                await self._script(keys=held.keys, args=args)
+            except (redis.exceptions.RedisError, OSError) as exc:  # the entry ages out anyway
+                self.unreachable(connector, exc)
 
     def unreachable(self, connector: Connector, exc: BaseException) -> None:
         metrics.LIMITER_ERRORS.inc()
@@ -322,16 +417,27 @@ class Limiter:
             )
 
     async def aclose(self) -> None:
+        for task in list(self._expiring):
+            task.cancel()
         await self._client.aclose()
 
 
-def rate_keys(namespace: str, connector: Connector, rates: Sequence[Rate]) -> list[str]:
+def _limit_keys(base: str) -> list[str]:
+    """RESERVE's three keys of one limit: its log, the log's total weight, its next free time."""
+    return [f"{base}:log", f"{base}:w", f"{base}:next"]
+
+
+def _key(namespace: str, connector: Connector, name: str | int) -> str:
     # one hash slot per connector (Redis Cluster runs a script only on keys of one slot)
-    return [f"{namespace}:limit:{{{connector.id}}}:{r.seconds}:{_kind(r)}" for r in rates]
+    return f"{namespace}:limit:{{{connector.id}}}:{name}"
+
+
+def rate_keys(namespace: str, connector: Connector, rates: Sequence[Rate]) -> list[str]:
+    return [k for r in rates for k in _limit_keys(_key(namespace, connector, r.seconds))]
 
 
 def sessions_key(namespace: str, connector: Connector) -> str:
-    return f"{namespace}:limit:{{{connector.id}}}:sessions"
+    return _key(namespace, connector, "sessions")
 
 
 def _wait(seconds: float) -> float:
@@ -342,6 +448,11 @@ def _wait(seconds: float) -> float:
 def _rates(texts: tuple[str, ...]) -> tuple[Rate, ...]:
     """parse_rates, once per set of limits (asked for every message)."""
     return parse_rates(texts)
+
+
+def _limit_args(rates: Sequence[Rate]) -> list[str | int]:
+    """RESERVE's arguments of each limit: kind, count, seconds."""
+    return [a for r in rates for a in (_kind(r), r.count, r.seconds)]
 
 
 def _kind(rate: Rate) -> str:
@@ -473,10 +584,9 @@ def usage(redis_url: str, namespace: str, connectors: Sequence[Connector]) -> di
         out: dict[int, Usage] = {}
         for c in connectors:
             rates = _rates(c.rate_limits)
-            keys = [*rate_keys(namespace, c, rates), sessions_key(namespace, c)]
-            args: list[str | int] = []
-            for r in rates:
-                args += [_kind(r), r.seconds]
+            log_keys = [_limit_keys(_key(namespace, c, r.seconds))[0] for r in rates]
+            keys = [*log_keys, sessions_key(namespace, c)]
+            args = [r.seconds for r in rates]
             counts = [round(float(x)) for x in script(keys=keys, args=args)]
             out[c.id] = Usage(tuple(zip(rates, counts[:-1], strict=True)), counts[-1])
         return out

@@ -665,6 +665,16 @@ def describe(c: Connector) -> dict[str, Any]:
     }
 
 
+def waiting(conn: psycopg.Connection[Any]) -> dict[int, list[dict[str, Any]]]:
+    """Per connector id, the messages given back to wait for its limits, by what they wait
+    for (most first): `{"for": "rate limit 30/min", "messages": 12, "until": datetime}`, as
+    their rows say (`outbox show`: `waiting for rate limit 30/min until T`)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for cid, what, n, until in conn.execute(Q["connector_waiting"]).fetchall():
+        out.setdefault(cid, []).append({"for": what, "messages": n, "until": until})
+    return out
+
+
 def limits_of(c: Connector) -> dict[str, Any]:
     """A connector's provider limits, for listings (`connector list --json`)."""
     return {

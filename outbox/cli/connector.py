@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -361,22 +362,39 @@ def connector_list(conn: psycopg.Connection[Any], wide: bool, as_json: bool) -> 
     table fits 100 columns; --wide adds the server, security, username, how secrets are kept
     and LIMITS (rate limits, conn: sessions, rcpt: recipients per transaction, msg/conn:
     messages per session). --json has everything, with the error history (last_error and
-    last_error_at), the limits one by one and their usage (`used` null when unknown)."""
+    last_error_at), the limits one by one and their usage (`used` null when unknown).
+
+    WAITING, shown while messages wait for a connector's limits, says how many, until when
+    and for what, as their rows say (`outbox show`): "12 until 19:58:03Z (30/min)"; --json:
+    `waiting`, one entry per thing waited for (for, messages, until)."""
     loaded = connectors.load_all(conn)
     used = _usage(loaded)
-    rows = [connectors.describe(c) | {"usage": used.get(c.id)} for c in loaded]
+    waits = connectors.waiting(conn)
+    rows = [
+        connectors.describe(c) | {"usage": used.get(c.id), "waiting": waits.get(c.id, [])} for c in loaded
+    ]
     compact = {c.name: connectors.limits_summary(c) for c in loaded}
 
     def render(rs: list[dict[str, Any]]) -> str:
         if not rs:
             return "no connectors"
+        waiting = ("waiting",) if any(r["waiting"] for r in rs) else ()
         if wide:
             return table(
-                [r | {"limits": compact[r["name"]], "usage": _usage_cell(r["usage"])} for r in rs],
-                WIDE_COLUMNS,
+                [
+                    r
+                    | {
+                        "limits": compact[r["name"]],
+                        "usage": _usage_cell(r["usage"]),
+                        "waiting": _waiting_cell(r["waiting"]),
+                    }
+                    for r in rs
+                ],
+                (*WIDE_COLUMNS, *waiting),
             )
-        narrow = [_narrow(r) for r in rs]
-        return table(narrow, NARROW_COLUMNS, width=100, shrink=NARROW_SHRINK)
+        columns = (*NARROW_COLUMNS, *waiting)
+        shrink = [(c, least) for c, least in NARROW_SHRINK if c in columns]
+        return table([_narrow(r) for r in rs], columns, width=100, shrink=shrink)
 
     emit(rows, as_json, render)
 
@@ -400,7 +418,7 @@ WIDE_COLUMNS = (
 )
 NARROW_COLUMNS = ("name", "gw", "address", "state", "usage", "error")
 # cut first, to at least (a backing-off connector with a rate limit still fits 100 columns)
-NARROW_SHRINK = (("address", 13), ("usage", 11), ("error", 16))
+NARROW_SHRINK = (("address", 13), ("usage", 11), ("error", 16), ("waiting", 14))
 
 
 def _usage(loaded: list[Any]) -> dict[int, dict[str, Any]]:
@@ -446,15 +464,40 @@ def _usage_cell(u: dict[str, Any] | None) -> str | None:
     return ", ".join(parts)
 
 
+# What a message waits for, as its row says, shortened for the table (else shown as it is)
+WAITS_FOR = (
+    (re.compile(r"rate limit (\S+)"), r"\1"),
+    (re.compile(r"slow-down to (\S+) after throttling"), r"slowed to \1"),
+    (re.compile(r"a connection \((max-connections \d+)\)"), r"\1"),
+)
+
+
+def _waiting_cell(groups: list[dict[str, Any]]) -> str | None:
+    """`12 until 19:58:03Z (30/min)`, one part per thing waited for."""
+    parts = []
+    for g in groups:
+        what = g["for"]
+        for pattern, short in WAITS_FOR:
+            if m := pattern.fullmatch(what):
+                what = m.expand(short)
+                break
+        parts.append(f"{g['messages']} until {_short_time(g['until'])} ({what})")
+    return "; ".join(parts) or None
+
+
+def _short_time(when: datetime) -> str:
+    """`15:38:38Z` when that is today (UTC), else the whole time."""
+    when = when.astimezone(UTC)
+    same_day = when.date() == datetime.now(UTC).date()
+    return when.strftime("%H:%M:%SZ") if same_day else when.isoformat(timespec="seconds")
+
+
 def _short_state(r: dict[str, Any]) -> str:
     """The state with a shorter time: `backing off until 15:38:38Z` when that is today (UTC)."""
     until = r["backoff_until"]
     if r["health"] != "backing off" or until is None:
         return str(r["state"])
-    until = until.astimezone(UTC)
-    same_day = until.date() == datetime.now(UTC).date()
-    when = until.strftime("%H:%M:%SZ") if same_day else until.isoformat(timespec="seconds")
-    return f"backing off until {when}"
+    return f"backing off until {_short_time(until)}"
 
 
 def _narrow(r: dict[str, Any]) -> dict[str, Any]:
@@ -466,6 +509,7 @@ def _narrow(r: dict[str, Any]) -> dict[str, Any]:
         "state": _short_state(r),
         "usage": _usage_cell(r["usage"]),
         "error": r["error"],
+        "waiting": _waiting_cell(r["waiting"]),
     }
 
 

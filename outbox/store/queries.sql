@@ -46,6 +46,20 @@ SELECT * FROM outbox.settings;
 -- Every connector, by name.
 SELECT * FROM outbox.connector ORDER BY name;
 
+-- connector_waiting --
+-- Messages given back to wait for their connector's limits (phase 'waiting', not claimed
+-- again yet), per connector and what they wait for: how many, and until when as their rows
+-- say (the worker writes `waiting for rate limit 30/min until 2026-12-05T19:58:03+00:00`).
+SELECT connector_id,
+       substring(last_error FROM '^waiting for (.*) until \S+$') AS waiting_for,
+       count(*) AS messages,
+       max(substring(last_error FROM ' until (\S+)$')::timestamptz) AS until
+  FROM outbox.message
+ WHERE status IN ('queued', 'retry') AND phase = 'waiting' AND connector_id IS NOT NULL
+   AND last_error ~ '^waiting for .* until \S+$'
+ GROUP BY 1, 2
+ ORDER BY 1, 3 DESC, 2;
+
 -- connector_by_name --
 -- One connector.
 SELECT * FROM outbox.connector WHERE name = %(name)s;

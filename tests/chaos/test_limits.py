@@ -3,7 +3,7 @@ hold one connector's rate limit together (issue 18)."""
 
 from __future__ import annotations
 
-from tests.integration.test_limits import JITTER, most_in_any_window
+from tests.windows import Stalls, crowded_windows
 
 
 def test_two_worker_processes_hold_one_rate_limit_together(chaos):
@@ -11,14 +11,17 @@ def test_two_worker_processes_hold_one_rate_limit_together(chaos):
     chaos.poller()
     chaos.worker()
     chaos.worker()
-    chaos.enqueue(60)
-    chaos.wait_sent(60, timeout=60)
-    times = chaos.server.recorder.arrival_times
+    with Stalls() as stalls:  # the SMTP server runs in this process
+        chaos.enqueue(60)
+        chaos.wait_sent(60, timeout=120)
+    # Each message counted when the server saw its MAIL FROM. The two workers' limiter admits
+    # them (just before MAIL) at least 1.01 s per 10, so every sliding second holds at most 10,
+    # but for a message that arrived late: excused as tests/windows.py's MOST_LATENESS says.
+    times = chaos.server.recorder.mail_times
     assert len(times) == 60
-    # paced at admission (just before MAIL) 1.01 s per 10; arrival adds the scheduling jitter of
-    # busy test processes (tens of ms), which the window allows for
-    assert most_in_any_window(times, 1.0 - JITTER) <= 10, [
-        round(b - a, 3) for a, b in zip(times, times[10:], strict=False)
-    ]
+    assert crowded_windows(times, 10, 1.0, stalls) == [], (
+        "11 messages within a second (start, how much under 1 s)",
+        f"stalls seen: {[(round(w - times[0], 3), round(s, 3)) for w, s in stalls.seen if s > 0.005]}",
+    )
     assert chaos.sql("SELECT count(*) FROM outbox.message WHERE status = 'sent' AND attempts = 1")[0][0] == 60
     assert max(times) - min(times) >= 5.9

@@ -4,8 +4,8 @@ interval across worker processes, no attempt spent waiting, no other connector h
 from __future__ import annotations
 
 import json
-import threading
 import time
+from datetime import UTC, datetime
 
 import outbox
 from outbox.admin import connectors
@@ -14,8 +14,7 @@ from outbox.core import limits
 from tests.conftest import wait_until
 from tests.helpers import add_gateway
 from tests.helpers import outbox_cli as outbox_cmd
-
-JITTER = 0.05  # seconds: arrival times vary this much more than admission times under load
+from tests.windows import Stalls, crowded_windows, most_in_any_window
 
 
 def enqueue(db, n, from_addr="a@example.com"):
@@ -30,78 +29,6 @@ def rows(db, ids):
     return db.execute(
         "SELECT status, attempts, last_error FROM outbox.message WHERE id = ANY(%s) ORDER BY id", [ids]
     ).fetchall()
-
-
-def most_in_any_window(times, seconds):
-    """The most arrivals in any half-open interval [t, t + seconds)."""
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] <= t - seconds:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
-class Stalls:
-    """When this process stalled: a thread sleeping PROBE_SECONDS at a time records each
-    wake-up later than STALL_SECONDS (when it woke, how late). A pipeline's worker and SMTP
-    server run in this process: a stall that delays a message between the limiter's admission
-    and the server's MAIL delays this thread too."""
-
-    PROBE_SECONDS = 0.002
-    STALL_SECONDS = 0.002
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            time.sleep(self.PROBE_SECONDS)
-            woke = time.monotonic()
-            late = woke - t0 - self.PROBE_SECONDS
-            if late > self.STALL_SECONDS:
-                self.seen.append((woke, late))
-
-    def before(self, t: float, within: float) -> float:
-        """How long this process stalled in the `within` seconds before `t` (a stall noticed
-        up to 10 ms after it ended counts too)."""
-        return sum(late for woke, late in self.seen if t - within <= woke <= t + 0.01)
-
-    def __enter__(self) -> Stalls:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-# A message reaches the server a little later than the limiter admitted it (the Redis reply,
-# the worker's wake-up for its slot, the server's read): up to JITTER on a busy machine, more
-# when this process stalls meanwhile. A window of a limit's length that holds one message too
-# many is excused when it is short by at most JITTER, or by at most MOST_LATENESS if a stall
-# of this process seen just before its first message explains the rest. A limit of 11/s
-# (11 messages in 0.909 s: 0.091 short) fails the test, and so does no limit at all.
-MOST_LATENESS = 0.08
-
-
-def crowded_windows(times, n, seconds, stalls):
-    """The sliding windows of `seconds` that hold more than `n` of these arrival times and are
-    not excused (see MOST_LATENESS): (start from the first arrival, how much short)."""
-    times = sorted(times)
-    crowded = []
-    for first, last in zip(times, times[n:], strict=False):
-        short = seconds - (last - first)
-        excused = short <= JITTER or (
-            short <= MOST_LATENESS and stalls.before(first, MOST_LATENESS) >= short - JITTER
-        )
-        if short > 0 and not excused:
-            crowded.append((round(first - times[0], 3), round(short, 3)))
-    return crowded
 
 
 def test_ten_per_second_is_held_in_every_sliding_second(db, smtp, pipeline):
@@ -375,3 +302,37 @@ def test_an_update_that_leaves_the_limits_keeps_the_slow_down(db, smtp, pipeline
     assert "slow-down" not in done.stdout
     listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
     assert listed["gw"]["slowdown"] is not None
+
+
+def test_connector_list_says_what_waiting_messages_wait_for_and_until_when(db, smtp, pipeline, cli_env):
+    add_gateway(db, smtp, rate_limits=("1/min",))
+    ids = enqueue(db, 4)
+    wait_until(
+        lambda: sorted(r[0] for r in rows(db, ids)) == ["queued"] * 3 + ["sent"],
+        step=pipeline.cycle,
+        what="one sent, three waiting",
+    )
+    # until when, as each waiting row says (`outbox show`: "waiting for rate limit 1/min until T")
+    until = max(
+        datetime.fromisoformat(e.rsplit(" until ", 1)[1]) for s, _, e in rows(db, ids) if s == "queued"
+    )
+    proc = outbox_cmd(cli_env, "connector", "list")
+    assert proc.returncode == 0
+    header, *lines = proc.stdout.splitlines()
+    assert header.split() == ["NAME", "GW", "ADDRESS", "STATE", "USAGE", "ERROR", "WAITING"]
+    gw = next(ln for ln in lines if ln.startswith("gw "))
+    assert gw.rstrip().endswith(f"3 until {until.astimezone(UTC):%H:%M:%SZ} (1/min)"), gw
+    assert max(map(len, proc.stdout.splitlines())) <= 100
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    [waiting] = listed["gw"]["waiting"]
+    assert waiting["for"] == "rate limit 1/min" and waiting["messages"] == 3
+    assert datetime.fromisoformat(waiting["until"]) == until
+    wide = outbox_cmd(cli_env, "connector", "list", "--wide").stdout
+    assert "3 until " in wide and "(1/min)" in wide
+
+    connectors.update(db, "gw", {"rate_limits": ()})  # nothing waits any more
+    for msg in ids:
+        pipeline.until_status(msg, "sent")
+    listed = {c["name"]: c for c in json.loads(outbox_cmd(cli_env, "connector", "list", "--json").stdout)}
+    assert listed["gw"]["waiting"] == []
+    assert "WAITING" not in outbox_cmd(cli_env, "connector", "list").stdout
