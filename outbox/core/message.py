@@ -500,9 +500,9 @@ def needs_smtputf8(row: Mapping[str, Any]) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _date_header(date: datetime) -> str:
-    """Rows written together share their created_at, and so their Date."""
-    return format_datetime(date)
+def _date_header(date: datetime | None) -> str:
+    """Rows written together share their created_at, and so their Date (none: the epoch)."""
+    return format_datetime(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"
 
 
 def build(
@@ -519,7 +519,7 @@ def build(
         msg["Reply-To"] = header_address(row["reply_to"])
     msg["Subject"] = row.get("subject") or ""
     msg["Message-ID"] = row["message_id"]
-    msg["Date"] = _date_header(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"
+    msg["Date"] = _date_header(date)
     if row.get("importance") in _IMPORTANCE_HEADERS:
         importance, x_priority = _IMPORTANCE_HEADERS[row["importance"]]
         msg["Importance"] = importance
@@ -628,7 +628,7 @@ def _plain_wire(row: Mapping[str, Any], date: datetime | None) -> bytes | None:
         out.append(_line("Reply-To", [row["reply_to"]]))
     out.append(_line("Subject", row.get("subject") or ""))
     out.append(_line("Message-ID", row["message_id"]))
-    out.append(_line("Date", _date_header(date) if date else "Thu, 01 Jan 1970 00:00:00 +0000"))
+    out.append(_line("Date", _date_header(date)))
     if row.get("importance") in _IMPORTANCE_HEADERS:
         importance, x_priority = _IMPORTANCE_HEADERS[row["importance"]]
         out += (_line("Importance", importance), _line("X-Priority", x_priority))
