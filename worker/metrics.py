@@ -89,11 +89,23 @@ _serving = False
 _last_refresh = 0.0
 
 
+# The labelled counters of observe_send, looked up once per label set (`labels()` takes a
+# lock and checks its arguments each time; these series are never removed).
+_sends: dict[tuple[str, str, int | None], tuple[Counter, Counter]] = {}
+
+
 def observe_send(connector: str, status: str, code: int | None, seconds: float) -> None:
-    SENDS.labels(connector, status).inc()
+    key = (connector, status, code)
+    counters = _sends.get(key)
+    if counters is None:
+        counters = _sends[key] = (
+            SENDS.labels(connector, status),
+            SMTP_REPLIES.labels(str(code) if code is not None else "none"),
+        )
+    counters[0].inc()
+    counters[1].inc()
     if status == "retry":
         RETRIES.labels(connector).inc()
-    SMTP_REPLIES.labels(str(code) if code is not None else "none").inc()
     SEND_SECONDS.observe(seconds)
 
 

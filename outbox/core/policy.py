@@ -128,6 +128,11 @@ def decide(
     without spending the message's attempt; only the maximum age ends it. So does throttling
     (`throttled`: the server said slow down, see `is_throttling`) for the recipients left.
     """
+    everyone_has_it = all(v is Verdict.ACCEPTED for v in verdicts.values()) and all(
+        s == "sent" for s in settled.values()
+    )
+    if everyone_has_it and not connector_problem:  # the common case, as the rest below would say
+        return Decision("sent", None, dict.fromkeys(verdicts, "sent"), False, None, "sent")
     recipients = {addr: RECIPIENT_STATUS[v] for addr, v in verdicts.items()}
     pending = [a for a, s in recipients.items() if s in ("deferred", "ambiguous")]
     ambiguous = any(s == "ambiguous" for s in recipients.values())

@@ -116,3 +116,14 @@ def test_a_sql_row_from_an_idn_sender_is_sent(db, smtp, pipeline):
     pipeline.until_status(msg_id, "sent")
     [got] = smtp.recorder.wait_for(1)
     assert got.mail_from == "news@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize("body", [".starts with a dot\n.\nend", "a\n.\n..two\n. spaced", "no dot-led line"])
+def test_lines_that_begin_with_a_dot_arrive_as_written(db, smtp, pipeline, body):
+    """RFC 5321 4.5.2: a content line beginning with "." goes out with one more in front, which
+    the server takes off; a lone "." line must not end the message early."""
+    add_gateway(db, smtp)
+    msg_id = insert(db, text_body=body)
+    pipeline.until_status(msg_id, "sent")
+    [got] = smtp.recorder.wait_for(1)
+    assert got.message.get_payload(decode=True).decode().replace("\r\n", "\n").rstrip("\n") == body
