@@ -24,6 +24,8 @@ from worker.db import db_retry
 from worker.leases import Flight, Leases
 
 Q = queries("worker")
+# The configuration's version, on each row `claimed` returns (see ConfigCache.get).
+CONFIG_VERSION = ("connectors_changed_at", "connectors", "settings_changed_at")
 
 
 @dataclass
@@ -68,16 +70,11 @@ async def claim(
     try:
         async for attempt in db_retry(60):
             with attempt:
-                async with (
-                    pool.connection() as conn,
-                    conn.cursor(row_factory=dict_row) as cur,
-                    conn.cursor(row_factory=dict_row) as vcur,
-                ):
-                    async with conn.pipeline():
-                        await vcur.execute(Q["config_version"])
-                        await cur.execute(Q["claimed"], mine)
-                    version = tuple((await vcur.fetchone() or {}).values())
-                    rows = await cur.fetchall()
+                async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                    rows = await (await cur.execute(Q["claimed"], mine)).fetchall()
+                    if not rows:
+                        break
+                    version = tuple(rows[0][k] for k in CONFIG_VERSION)
                     settings, connectors = await configs.get(cur, version)
                     attachments, settled = await _extras(cur, rows)
     except BaseException:

@@ -1,5 +1,5 @@
 """The worker's copy of settings and connectors. Re-read as soon as an operator changes them
-(their version is read with every claim, in the same round trip) and at least every
+(their version is read with every claimed row, in the same statement) and at least every
 TTL_SECONDS (the health columns other worker processes write: backoff, slow-down)."""
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class ConfigCache:
         started = time.monotonic()
         stale = started - self.loaded_at >= TTL_SECONDS
         if stale or version != self.version:
-            if version is None or stale:
-                version = tuple((await (await cur.execute(Q["config_version"])).fetchone() or {}).values())
-            self.settings = Settings.model_validate(await (await cur.execute(Q["settings"])).fetchone() or {})
-            self.connectors = [
-                Connector.from_row(r) for r in await (await cur.execute(Q["connectors"])).fetchall()
-            ]
+            settings = await (await cur.execute(Q["settings"])).fetchone() or {}
+            rows = await (await cur.execute(Q["connectors"])).fetchall()
+            # the version of what was read, as the `claimed` statement computes it
+            version = (
+                max((r["updated_at"] for r in rows), default=None),
+                len(rows),
+                settings.get("updated_at"),
+            )
+            self.settings = Settings.model_validate(settings)
+            self.connectors = [Connector.from_row(r) for r in rows]
             self.by_id.clear()
             self.by_id.update((c.id, c) for c in self.connectors)
             if self.on_reload is not None:

@@ -23,7 +23,7 @@ from outbox import logs
 from outbox.config import Config
 from outbox.connections import pg_kwargs
 from outbox.core.policy import Verdict, decide, is_connector_problem, waiting
-from outbox.core.resolve import Connector, resolve
+from outbox.core.resolve import Connector, Route, resolve
 from outbox.core.settings import Settings
 from outbox.store.sql import queries
 from worker import metrics
@@ -58,6 +58,8 @@ LIMIT_WAIT_SECONDS = 2.0
 SEAT_RETRY_SECONDS = 1.0
 # A wait for a rate-limit slot longer than this is the limit binding (counted and shown).
 PACED_SECONDS = 0.001
+# From addresses whose route a worker process remembers between configuration reads.
+ROUTES_KEPT = 10_000
 
 
 def limit_wait_seconds(settings: Settings) -> float:
@@ -78,6 +80,9 @@ class Delivery:
         self.configs = ConfigCache(on_reload=self.limiter.reloaded)
         self.health = ConnectorHealth(pool, self.configs, self.limiter)
         self._writer_conn: psycopg.AsyncConnection[Any] | None = None
+        # Routes by From address, for one list of connectors (a re-read makes a new list).
+        self._routes: dict[str, Route] = {}
+        self._routes_of: list[Connector] | None = None
 
     @classmethod
     async def open(cls, config: Config) -> Delivery:
@@ -134,7 +139,7 @@ class Delivery:
         settings = batch.settings
         attachments = batch.attachments.get(row["id"], ())
         row = checked(row, attachments)
-        route = resolve(row["from_addr"], batch.connectors)
+        route = self._route(row["from_addr"], batch.connectors)
         if route.action != "send":
             return unrouted(row, route, started)
         connector = route.connector
@@ -200,6 +205,15 @@ class Delivery:
             throttled=slow_down,
         )
         return after_send(row, connector, outcome, decision, started)
+
+    def _route(self, from_addr: str, connectors: list[Connector]) -> Route:
+        """`resolve`, remembered until the connectors are read again (or many senders later)."""
+        if connectors is not self._routes_of or len(self._routes) >= ROUTES_KEPT:
+            self._routes, self._routes_of = {}, connectors
+        route = self._routes.get(from_addr)
+        if route is None:
+            route = self._routes[from_addr] = resolve(from_addr, connectors)
+        return route
 
     async def _before_data(self, row: dict[str, Any], flight: Flight, settings: Settings) -> bool:
         """Still ours, with lease enough for the content and the final dot? Checked before any

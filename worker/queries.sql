@@ -120,14 +120,20 @@ UPDATE outbox.message m
 RETURNING m.id, m.lease_token::text;
 
 -- claimed --
--- The rows a claim just took, under the tokens it gave them (read after it committed).
+-- The rows a claim just took, under the tokens it gave them (read after it committed), each
+-- with the configuration's version: it moves whenever an operator changes a connector or a
+-- setting (ConfigCache.get computes the same three values from what it reads).
 SELECT m.id, m.from_addr, m.from_name, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
        m.subject, m.text_body, m.html_body, m.headers, m.importance, m.message_id,
        m.reference, m.idempotency_key, m.attempts, m.created_at, m.lease_token, m.system_generated, m.content,
        m.replays, coalesce(m.replayed_at, m.created_at) AS round_started_at,
-       EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments
+       EXISTS (SELECT 1 FROM outbox.attachment a WHERE a.message_id = m.id) AS has_attachments,
+       v.connectors_changed_at, v.connectors, v.settings_changed_at
   FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS c(id, token)
   JOIN outbox.message m ON m.id = c.id AND m.lease_token = c.token AND m.status = 'sending'
+ CROSS JOIN (SELECT (SELECT max(updated_at) FROM outbox.connector) AS connectors_changed_at,
+                    (SELECT count(*) FROM outbox.connector) AS connectors,
+                    (SELECT updated_at FROM outbox.settings) AS settings_changed_at) v
  ORDER BY m.id;
 
 -- attachments_of --
@@ -144,12 +150,6 @@ SELECT message_id, addr, status, smtp_code, smtp_reply
 -- connectors --
 -- Every connector (resolution happens in Python, per batch).
 SELECT * FROM outbox.connector;
-
--- config_version --
--- Moves whenever an operator changes a connector or a setting.
-SELECT (SELECT max(updated_at) FROM outbox.connector) AS connectors_changed_at,
-       (SELECT count(*) FROM outbox.connector) AS connectors,
-       (SELECT updated_at FROM outbox.settings) AS settings_changed_at;
 
 -- settings --
 -- Instance-wide settings.
