@@ -20,7 +20,7 @@ from outbox.core.settings import Settings
 from outbox.store.sql import queries
 from worker import metrics
 from worker.config_cache import ConfigCache
-from worker.db import db_retry
+from worker.db import array_literal, db_retry
 from worker.leases import Flight, Leases
 
 Q = queries("worker")
@@ -59,14 +59,19 @@ async def claim(
                 lease_seconds = configs.settings.lease_seconds
                 sent_at = time.monotonic()  # the leases start after this, not before
                 cur = await conn.execute(
-                    Q["claim"], {"ids": ids, "tokens": tokens, "lease_seconds": lease_seconds}
+                    Q["claim"],
+                    {
+                        "ids": array_literal(ids),
+                        "tokens": array_literal(tokens),
+                        "lease_seconds": lease_seconds,
+                    },
                 )
                 claimed = await cur.fetchall()
     metrics.STALE_DELIVERIES.inc(len(ids) - len(claimed))
     if not claimed:
         return None
     flights = leases.track([(i, t) for i, t in claimed], sent_at, lease_seconds)
-    mine = {"ids": [i for i, _ in claimed], "tokens": [t for _, t in claimed]}
+    mine = {"ids": array_literal(i for i, _ in claimed), "tokens": array_literal(t for _, t in claimed)}
     try:
         async for attempt in db_retry(60):
             with attempt:
